@@ -1,0 +1,44 @@
+# Two entry points for a fresh machine:
+#   make demo   set up .venv, fetch Fashion-MNIST if possible, train an MLP with hand-written backprop, check gradients
+#   make test   set up .venv (and the data when possible), run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test venv data gradcheck clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist package: installed when running as root, otherwise explained.
+data:
+	@if [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ]; then \
+	  echo "Fashion-MNIST: $(FMNIST_DIR)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "Fashion-MNIST: installing Debian package dataset-fashion-mnist"; \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1; } || \
+	  echo "warning: could not install dataset-fashion-mnist; tests that need it will be skipped"; \
+	else \
+	  echo "Fashion-MNIST not found in $(FMNIST_DIR). Get it with 'sudo apt-get install dataset-fashion-mnist'," \
+	       "or train with --data-dir DIR / --download."; \
+	fi
+
+test: venv data
+	$(PY) -m pytest
+
+demo: venv data
+	$(PY) experiments/seed_worked_example.py
+	$(PY) -m nnbackprop gradcheck
+
+gradcheck: venv
+	$(PY) -m nnbackprop gradcheck
+
+clean:
+	rm -rf $(VENV) .pytest_cache results

@@ -1,0 +1,5 @@
+import sys
+
+from nnbackprop.cli import main
+
+sys.exit(main())

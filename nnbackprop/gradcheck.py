@@ -1,0 +1,298 @@
+"""The gradient checker: hand-written backward against ``torch.autograd``, for any layer, loss or model.
+
+:func:`check_gradients` runs a module's ``forward``/``backward`` and, on identical inputs and parameters, autograd
+through its :meth:`~nnbackprop.module.Module.reference_forward` — ``torch.nn.functional`` for the built-ins, so a wrong
+forward is caught as well as a wrong backward; a user's layer's own ``forward`` otherwise. It compares the output, the
+input gradient and every parameter gradient.
+
+Tolerances (:data:`TOLERANCES`) are relative to the gradient's scale, ``err = max|ours − ref| / scale``: 1e-10 in
+float64, 1e-5 in float32, 1e-2 in bfloat16/float16. For the output (or loss) the scale is ``max|ref|``; for a gradient
+it is the larger of its own ``max|ref|`` and the largest ``max|ref|`` among the gradients of the same check, so that a
+gradient that is exactly zero in theory (the bias of a ``Linear`` followed by ``BatchNorm1d``) is judged by its rounding
+error against the model's gradients instead of against zero.
+
+:func:`check_gradients_fd` instead compares the hand-written backward with central finite differences in float64
+(``torch.autograd.gradcheck``), needing no reference implementation at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+from nnbackprop.losses import Loss
+from nnbackprop.module import Module
+
+TOLERANCES: dict[torch.dtype, float] = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-5,
+    torch.bfloat16: 1e-2,
+    torch.float16: 1e-2,
+}
+
+
+@dataclass
+class TensorCheck:
+    """One compared tensor: ``name`` is ``output``, ``loss``, ``input`` (its gradient) or a parameter's name."""
+
+    name: str
+    shape: tuple[int, ...]
+    max_abs_err: float
+    max_rel_err: float
+    tolerance: float
+
+    @property
+    def passed(self) -> bool:
+        return self.max_rel_err <= self.tolerance
+
+
+@dataclass
+class GradCheckReport:
+    """The result of one check: a row per compared tensor, ``passed`` when every row is within tolerance."""
+
+    subject: str
+    dtype: torch.dtype
+    device: torch.device
+    checks: list[TensorCheck] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    @property
+    def max_rel_err(self) -> float:
+        return max((c.max_rel_err for c in self.checks), default=0.0)
+
+    def failures(self) -> list[TensorCheck]:
+        return [c for c in self.checks if not c.passed]
+
+    def __str__(self) -> str:
+        lines = [f"{self.subject}  [{str(self.dtype).replace('torch.', '')}, {self.device}]"]
+        for c in self.checks:
+            lines.append(
+                f"  {c.name:<24} {str(c.shape):<16} abs {c.max_abs_err:9.2e}  rel {c.max_rel_err:9.2e}  "
+                f"tol {c.tolerance:7.0e}  {'ok' if c.passed else 'FAIL'}"
+            )
+        return "\n".join(lines)
+
+
+def compare(name: str, ours: Tensor | None, ref: Tensor | None, tolerance: float, scale: float = 0.0) -> TensorCheck:
+    """Compare ``ours`` with the reference ``ref`` (a missing tensor counts as zeros), relative to
+    ``max(max|ref|, scale)``."""
+    if ours is None and ref is None:
+        raise ValueError(f"compare('{name}'): both tensors are missing")
+    like = ours if ours is not None else ref
+    ours = torch.zeros_like(like) if ours is None else ours.detach()
+    ref = torch.zeros_like(like) if ref is None else ref.detach()
+    if ours.shape != ref.shape:
+        raise ValueError(f"gradient check of '{name}': shape {tuple(ours.shape)} but the reference has {tuple(ref.shape)}")
+    ours64, ref64 = ours.double(), ref.double()
+    abs_err = (ours64 - ref64).abs().max().item() if ours.numel() else 0.0
+    scale = max(ref64.abs().max().item() if ref.numel() else 0.0, scale)
+    rel_err = abs_err / max(scale, torch.finfo(torch.float64).tiny)
+    if not torch.isfinite(ours64).all() or not torch.isfinite(ref64).all():
+        rel_err = abs_err = float("inf") if not torch.equal(ours64.isnan(), ref64.isnan()) else rel_err
+    return TensorCheck(name, tuple(ours.shape), abs_err, rel_err if scale else abs_err, tolerance)
+
+
+def _tolerance(dtype: torch.dtype, rtol: float | None) -> float:
+    if rtol is not None:
+        return rtol
+    if dtype not in TOLERANCES:
+        raise ValueError(f"gradient check: no tolerance for dtype {dtype}; pass rtol explicitly")
+    return TOLERANCES[dtype]
+
+
+def check_gradients(
+    module: Module,
+    x: Tensor,
+    target: Tensor | None = None,
+    *,
+    dout: Tensor | None = None,
+    rtol: float | None = None,
+    generator: torch.Generator | None = None,
+    subject: str | None = None,
+) -> GradCheckReport:
+    """Check ``module``'s hand-written backward against autograd on input ``x``.
+
+    For a layer or model: one ``forward(x)`` and ``backward(dout)`` (``dout`` random normal if not given), against
+    ``torch.autograd.grad`` of ``reference_forward`` with the same ``x``, parameters and ``dout``. For a
+    :class:`~nnbackprop.losses.Loss`: ``forward(x, target)`` and ``backward()``. The module's parameter gradients are
+    cleared first and hold the hand-written ones afterwards.
+
+    Returns:
+        A :class:`GradCheckReport` with rows ``output`` (or ``loss``), ``input`` and one per parameter.
+    """
+    tol = _tolerance(x.dtype, rtol)
+    report = GradCheckReport(subject or module._name(), x.dtype, x.device)
+    x = x.detach()
+    x_ref = x.clone().requires_grad_(True)
+    if isinstance(module, Loss):
+        if target is None:
+            raise ValueError(f"check_gradients({module._name()}): a loss needs a target")
+        out = module(x, target)
+        with torch.enable_grad():
+            ref_out = module.reference_forward(x_ref, target)
+        dx = module.backward()
+        (ref_dx,) = torch.autograd.grad(ref_out, [x_ref])
+        report.checks.append(compare("loss", out, ref_out, tol))
+        report.checks += _compare_grads([("input", dx, ref_dx)], tol)
+        return report
+
+    module.zero_grad()
+    named = list(module.named_parameters())
+    params = {name: p.data.detach().clone().requires_grad_(True) for name, p in named}
+    out = module(x)
+    with torch.enable_grad():
+        ref_out = module.reference_forward(x_ref, params)
+    if dout is None:
+        dout = torch.randn(out.shape, generator=generator, dtype=out.dtype, device="cpu").to(out.device)
+    dx = module.backward(dout)
+    ref_grads = torch.autograd.grad(ref_out, [x_ref, *params.values()], dout, allow_unused=True)
+    report.checks.append(compare("output", out, ref_out, tol))
+    ours = [("input", dx), *((name, p.grad) for name, p in named)]
+    report.checks += _compare_grads([(n, g, r) for (n, g), r in zip(ours, ref_grads)], tol)
+    return report
+
+
+def _compare_grads(grads: list[tuple[str, Tensor | None, Tensor | None]], tol: float) -> list[TensorCheck]:
+    """Compare ``(name, ours, ref)`` gradients, each relative to at least the largest reference gradient's scale."""
+    scale = max((r.detach().abs().max().item() for _, _, r in grads if r is not None and r.numel()), default=0.0)
+    return [compare(name, ours, ref, tol, scale) for name, ours, ref in grads]
+
+
+class _HandWritten(torch.autograd.Function):
+    """Presents a module's hand-written forward/backward to autograd, so ``gradcheck`` can probe them.
+
+    ``backward`` re-runs ``forward`` (with the random state restored) because a module's cache serves one backward,
+    while ``gradcheck`` asks for several vector-Jacobian products of one output.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, run: Callable[..., tuple[Tensor, tuple[Tensor, ...]]], x: Tensor, *values: Tensor) -> Tensor:
+        ctx.run = run
+        ctx.save_for_backward(x, *values)
+        out, _ = run(x.detach(), [v.detach() for v in values], None)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
+        x, *values = ctx.saved_tensors
+        _, grads = ctx.run(x.detach(), [v.detach() for v in values], dout)
+        return (None, *grads)
+
+
+def check_gradients_fd(module: Module, x: Tensor, target: Tensor | None = None, *, eps: float = 1e-6,
+                       atol: float = 1e-5, rtol: float = 1e-4) -> bool:
+    """Check the hand-written backward against central finite differences (``torch.autograd.gradcheck``).
+
+    Needs float64 ``x`` and parameters. The random state (torch's global generator and any ``generator`` attribute of
+    the module's submodules, e.g. dropout's) is restored before every evaluation so the function is deterministic, and
+    buffers (batch-norm running averages) are restored afterwards. Raises ``torch.autograd.gradcheck.GradcheckError``
+    describing the mismatch when it fails; returns ``True`` otherwise.
+    """
+    if x.dtype != torch.float64:
+        raise ValueError(f"check_gradients_fd needs float64 inputs (finite differences), got {x.dtype}")
+    named = list(module.named_parameters())
+    generators = [m.generator for m in module.modules() if isinstance(getattr(m, "generator", None), torch.Generator)]
+    rng_states = [g.get_state() for g in generators]
+    global_state = torch.get_rng_state()
+    buffers = {name: b.clone() for name, b in module.named_buffers()}
+
+    def run(xv: Tensor, values: list[Tensor], dout: Tensor | None) -> tuple[Tensor, tuple[Tensor, ...]]:
+        torch.set_rng_state(global_state)
+        for g, state in zip(generators, rng_states):
+            g.set_state(state)
+        saved = [p.data for _, p in named]
+        try:
+            for (_, p), v in zip(named, values):
+                p.data = v
+            module.zero_grad()
+            out = module(xv, target) if isinstance(module, Loss) else module(xv)
+            if dout is None:
+                return out, ()
+            dx = module.backward(dout)
+            return out, (dx, *(p.grad if p.grad is not None else torch.zeros_like(p.data) for _, p in named))
+        finally:
+            for (_, p), d in zip(named, saved):
+                p.data = d
+
+    inputs = (x.detach().clone().requires_grad_(True),
+              *(p.data.detach().clone().requires_grad_(True) for _, p in named))
+    try:
+        return torch.autograd.gradcheck(lambda *a: _HandWritten.apply(run, *a), inputs, eps=eps, atol=atol, rtol=rtol)
+    finally:
+        module.zero_grad()
+        for name, b in module.named_buffers():
+            b.copy_(buffers[name])
+
+
+def builtin_checks(
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64, seed: int = 0, finite_differences: bool = False
+) -> list[GradCheckReport]:
+    """Check every built-in layer and loss, and a few whole models, on random inputs of several shapes.
+
+    With ``finite_differences`` (float64 only), each check is also run through :func:`check_gradients_fd`; a failure
+    there adds a failing ``finite-differences`` row to the report.
+    """
+    from nnbackprop.layers import GELU, BatchNorm1d, Dropout, Flatten, LeakyReLU, Linear, ReLU, Sigmoid, Tanh
+    from nnbackprop.losses import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
+    from nnbackprop.model import mlp
+    from nnbackprop.worked_example import seed_network
+
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+
+    def labels(n: int, c: int) -> Tensor:
+        return torch.randint(0, c, (n,), generator=g).to(device)
+
+    cases: list[tuple[str, Module, Tensor, Tensor | None]] = [
+        ("Linear 7->5, N=4", Linear(7, 5, generator=g), randn(4, 7), None),
+        ("Linear 3->2 no bias, N=1", Linear(3, 2, bias=False, generator=g), randn(1, 3), None),
+        ("Linear 64->32, strided input", Linear(64, 32, generator=g), randn(16, 128)[:, ::2], None),
+        ("ReLU (4, 6)", ReLU(), randn(4, 6), None),
+        ("LeakyReLU(0.1) (2, 3, 5)", LeakyReLU(0.1), randn(2, 3, 5), None),
+        ("Sigmoid (4, 6)", Sigmoid(), randn(4, 6), None),
+        ("Tanh (3, 7)", Tanh(), randn(3, 7), None),
+        ("GELU (4, 6)", GELU(), randn(4, 6), None),
+        ("GELU tanh (4, 6)", GELU("tanh"), randn(4, 6), None),
+        ("Dropout(0.3) train", Dropout(0.3, generator=torch.Generator(device=device).manual_seed(seed)),
+         randn(8, 10), None),
+        ("Dropout(0.3) eval", Dropout(0.3).eval(), randn(8, 10), None),
+        ("Flatten (3, 2, 4, 5)", Flatten(), randn(3, 2, 4, 5), None),
+        ("BatchNorm1d(6) train", BatchNorm1d(6), randn(8, 6) * 3 + 1, None),
+        ("BatchNorm1d(6) eval", BatchNorm1d(6).eval(), randn(8, 6), None),
+        ("CrossEntropyLoss mean", CrossEntropyLoss(), randn(6, 10), labels(6, 10)),
+        ("CrossEntropyLoss sum", CrossEntropyLoss("sum"), randn(5, 3) * 20, labels(5, 3)),
+        ("MSELoss mean", MSELoss(), randn(4, 3), randn(4, 3)),
+        ("MSELoss sum", MSELoss("sum"), randn(4, 3), randn(4, 3)),
+        ("MSELoss half_sum, labels", MSELoss("half_sum"), randn(4, 3), labels(4, 3)),
+        ("BCEWithLogitsLoss mean", BCEWithLogitsLoss(), randn(8) * 30, labels(8, 2)),
+        ("BCEWithLogitsLoss sum (N, 1)", BCEWithLogitsLoss("sum"), randn(8, 1), randn(8).sigmoid()),
+        ("MLP 20-16-16-5 relu", mlp(20, [16, 16], 5, generator=g), randn(8, 20), None),
+        ("MLP 1x8x8-12-12-12-3 gelu+dropout+bn",
+         mlp(64, [12, 12, 12], 3, activation="gelu", dropout=0.2, batchnorm=True,
+             generator=torch.Generator(device=device).manual_seed(seed)), randn(8, 1, 8, 8), None),
+        ("Seed 2-2-2 sigmoid network", seed_network(), randn(3, 2), None),
+    ]
+    reports = []
+    for name, module, x, target in cases:
+        if not isinstance(module, Loss):
+            module.to(device=device, dtype=dtype)
+        report = check_gradients(module, x, target, generator=g, subject=name)
+        if finite_differences:
+            try:
+                check_gradients_fd(module, x, target)
+            except torch.autograd.gradcheck.GradcheckError as err:
+                first_line = str(err).splitlines()[0]
+                report.checks.append(TensorCheck(f"finite-differences: {first_line}", (), float("inf"),
+                                                 float("inf"), 0.0))
+            else:
+                report.checks.append(TensorCheck("finite-differences", (), 0.0, 0.0, 0.0))
+        reports.append(report)
+    return reports

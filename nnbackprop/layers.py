@@ -1,0 +1,376 @@
+"""Layers: the ops of :mod:`nnbackprop.functional` wrapped as modules with parameters, state and checks.
+
+Each layer's ``forward`` validates its input, computes the op and saves exactly what its ``backward`` needs;
+``backward(dout)`` returns ``dx`` and adds the parameter gradients into ``param.grad``. ``reference_forward`` is the same
+function in ``torch.nn.functional`` (what the gradient checker differentiates with autograd), and ``to_torch`` gives the
+equivalent ``torch.nn`` module.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import torch
+import torch.nn.functional as TF
+from torch import Tensor
+
+from nnbackprop import functional as F
+from nnbackprop.module import Module, Parameter
+
+LINEAR_INITS = ("default", "kaiming", "xavier")
+
+
+class Linear(Module):
+    r"""Affine map :math:`y = x W^T + b`.
+
+    Args:
+        in_features: size ``D_in`` of each input row.
+        out_features: size ``D_out`` of each output row.
+        bias: learn an additive bias.
+        init: ``"default"`` as ``torch.nn.Linear`` (``W, b ~ U(−1/√D_in, 1/√D_in)``), ``"kaiming"``
+            (``W ~ N(0, 2/D_in)``, for ReLU nets; ``b = 0``) or ``"xavier"`` (``W ~ U(±√(6/(D_in + D_out)))``; ``b = 0``).
+        generator: the random source for the initial values, so models repeat.
+
+    Shape:
+        input ``(N, D_in)``, output ``(N, D_out)``.
+
+    Attributes:
+        weight: ``(D_out, D_in)``, as in ``torch.nn.Linear``.
+        bias: ``(D_out,)``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        init: str = "default",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if in_features <= 0 or out_features <= 0:
+            raise ValueError(f"Linear: feature sizes must be positive, got in={in_features}, out={out_features}")
+        if init not in LINEAR_INITS:
+            raise ValueError(f"Linear: unknown init '{init}', choose one of {', '.join(LINEAR_INITS)}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.init = init
+        dtype = dtype or torch.get_default_dtype()
+        self.weight = Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.bias = Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters(generator)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Draw fresh initial values with this layer's ``init`` scheme."""
+        device = generator.device if generator is not None else self.weight.data.device
+        w = torch.empty(self.weight.shape, dtype=self.weight.data.dtype, device=device)
+        b = torch.zeros(self.out_features, dtype=w.dtype, device=device)
+        fan_in, fan_out = self.in_features, self.out_features
+        if self.init == "default":
+            bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=√5), as torch.nn.Linear
+            w.uniform_(-bound, bound, generator=generator)
+            b.uniform_(-bound, bound, generator=generator)
+        elif self.init == "kaiming":
+            w.normal_(0.0, math.sqrt(2.0 / fan_in), generator=generator)
+        else:
+            bound = math.sqrt(6.0 / (fan_in + fan_out))
+            w.uniform_(-bound, bound, generator=generator)
+        self.weight.data.copy_(w)
+        if self.bias is not None:
+            self.bias.data.copy_(b)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x, ndim=2, features=self.in_features)
+        self._save_for_backward(x)
+        return F.linear_forward(x, self.weight.data, None if self.bias is None else self.bias.data)
+
+    def backward(self, dout: Tensor) -> Tensor:
+        (x,) = self._pop_cache()
+        dx, dW, db = F.linear_backward(dout, x, self.weight.data, self.bias is not None)
+        self.weight.accumulate(dW)
+        if self.bias is not None:
+            self.bias.accumulate(db)
+        return dx
+
+    def reference_forward(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        return TF.linear(x, params["weight"], params.get("bias"))
+
+    def to_torch(self) -> torch.nn.Module:
+        w = self.weight.data
+        m = torch.nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        m.load_state_dict(self.state_dict())
+        return m
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class _Elementwise(Module):
+    """An activation applied elementwise: any input shape, output of the same shape, no parameters."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        out, saved = self._forward(x)
+        self._save_for_backward(saved)
+        return out
+
+    def backward(self, dout: Tensor) -> Tensor:
+        (saved,) = self._pop_cache()
+        return self._backward(dout, saved)
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _backward(self, dout: Tensor, saved: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class ReLU(_Elementwise):
+    """:math:`\\max(x, 0)`, elementwise."""
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        out = F.relu_forward(x)
+        return out, out
+
+    def _backward(self, dout: Tensor, out: Tensor) -> Tensor:
+        return F.relu_backward(dout, out)
+
+    def reference_forward(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        return TF.relu(x)
+
+    def to_torch(self) -> torch.nn.Module:
+        return torch.nn.ReLU()
+
+
+class LeakyReLU(_Elementwise):
+    """``x`` for positive ``x``, ``negative_slope · x`` otherwise."""
+
+    def __init__(self, negative_slope: float = 0.01) -> None:
+        super().__init__()
+        self.negative_slope = negative_slope
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return F.leaky_relu_forward(x, self.negative_slope), x
+
+    def _backward(self, dout: Tensor, x: Tensor) -> Tensor:
+        return F.leaky_relu_backward(dout, x, self.negative_slope)
+
+    def reference_forward(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        return TF.leaky_relu(x, self.negative_slope)
+
+    def to_torch(self) -> torch.nn.Module:
+        return torch.nn.LeakyReLU(self.negative_slope)
+
+    def extra_repr(self) -> str:
+        return f"negative_slope={self.negative_slope}"
+
+
+class Sigmoid(_Elementwise):
+    """The logistic function :math:`1 / (1 + e^{-x})`, elementwise."""
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        out = F.sigmoid_forward(x)
+        return out, out
+
+    def _backward(self, dout: Tensor, out: Tensor) -> Tensor:
+        return F.sigmoid_backward(dout, out)
+
+    def reference_forward(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        return torch.sigmoid(x)
+
+    def to_torch(self) -> torch.nn.Module:
+        return torch.nn.Sigmoid()
+
+
+class Tanh(_Elementwise):
+    """The hyperbolic tangent, elementwise."""
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        out = F.tanh_forward(x)
+        return out, out
+
+    def _backward(self, dout: Tensor, out: Tensor) -> Tensor:
+        return F.tanh_backward(dout, out)
+
+    def reference_forward(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        return torch.tanh(x)
+
+    def to_torch(self) -> torch.nn.Module:
+        return torch.nn.Tanh()
+
+
+class GELU(_Elementwise):
+    """Gaussian error linear unit :math:`x Φ(x)`; ``approximate="tanh"`` uses the tanh form, as ``torch.nn.GELU``."""
+
+    def __init__(self, approximate: str = "none") -> None:
+        super().__init__()
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"GELU: approximate must be 'none' or 'tanh', got '{approximate}'")
+        self.approximate = approximate
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return F.gelu_forward(x, self.approximate), x
+
+    def _backward(self, dout: Tensor, x: Tensor) -> Tensor:
+        return F.gelu_backward(dout, x, self.approximate)
+
+    def reference_forward(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        return TF.gelu(x, approximate=self.approximate)
+
+    def to_torch(self) -> torch.nn.Module:
+        return torch.nn.GELU(self.approximate)
+
+    def extra_repr(self) -> str:
+        return f"approximate='{self.approximate}'"
+
+
+class Dropout(Module):
+    """Inverted dropout: in training, zero each element with probability ``p`` and scale the rest by ``1/(1 − p)``;
+    in evaluation, the identity.
+
+    Args:
+        p: drop probability, in ``[0, 1]``.
+        generator: the random source of the masks (``None``: torch's global one). Give one to make runs repeat.
+    """
+
+    def __init__(self, p: float = 0.5, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"Dropout: p must be in [0, 1], got {p}")
+        self.p = p
+        self.generator = generator
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        if not self.training or self.p == 0:
+            self._save_for_backward(None)
+            return x
+        out, mask = F.dropout_forward(x, self.p, self.generator)
+        self._save_for_backward(mask)
+        return out
+
+    def backward(self, dout: Tensor) -> Tensor:
+        (mask,) = self._pop_cache()
+        return dout if mask is None else F.dropout_backward(dout, mask)
+
+    def reference_forward(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        """``x · mask`` with the mask of the last :meth:`forward` (torch's own dropout draws masks it cannot share)."""
+        if self._cache is None:
+            raise RuntimeError("Dropout.reference_forward reuses the mask of the last forward(); call forward first")
+        (mask,) = self._cache
+        return x if mask is None else x * mask
+
+    def to_torch(self) -> torch.nn.Module:
+        return torch.nn.Dropout(self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Flatten(Module):
+    """Flatten dimensions ``start_dim..end_dim`` into one, as ``torch.nn.Flatten``: ``(N, C, H, W) → (N, C·H·W)``."""
+
+    def __init__(self, start_dim: int = 1, end_dim: int = -1) -> None:
+        super().__init__()
+        self.start_dim = start_dim
+        self.end_dim = end_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x)
+        self._save_for_backward(x.shape)
+        return torch.flatten(x, self.start_dim, self.end_dim)
+
+    def backward(self, dout: Tensor) -> Tensor:
+        (shape,) = self._pop_cache()
+        return dout.reshape(shape)
+
+    def reference_forward(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        return torch.flatten(x, self.start_dim, self.end_dim)
+
+    def to_torch(self) -> torch.nn.Module:
+        return torch.nn.Flatten(self.start_dim, self.end_dim)
+
+    def extra_repr(self) -> str:
+        return f"start_dim={self.start_dim}, end_dim={self.end_dim}"
+
+
+class BatchNorm1d(Module):
+    r"""Batch normalization of ``(N, C)`` features: :math:`y = γ (x − μ) / \sqrt{σ² + ε} + β`.
+
+    In training ``μ, σ²`` are the batch's (biased variance) and the running averages are updated with ``momentum``
+    (unbiased variance), as ``torch.nn.BatchNorm1d``; in evaluation the running averages are used.
+
+    Args:
+        num_features: ``C``.
+        eps: added to the variance for stability.
+        momentum: weight of the new batch statistic in the running averages.
+
+    Attributes:
+        weight (γ), bias (β): ``(C,)`` parameters. Buffers ``running_mean``, ``running_var`` ``(C,)`` and
+        ``num_batches_tracked``, with ``torch.nn.BatchNorm1d``'s names.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if num_features <= 0:
+            raise ValueError(f"BatchNorm1d: num_features must be positive, got {num_features}")
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        dtype = dtype or torch.get_default_dtype()
+        self.weight = Parameter(torch.ones(num_features, device=device, dtype=dtype))
+        self.bias = Parameter(torch.zeros(num_features, device=device, dtype=dtype))
+        self.register_buffer("running_mean", torch.zeros(num_features, device=device, dtype=dtype))
+        self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=dtype))
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.check_input(x, ndim=2, features=self.num_features)
+        if self.training and x.shape[0] < 2:
+            raise ValueError(
+                f"{self._name()}: training needs more than one sample per batch to estimate the batch variance, "
+                f"got batch size {x.shape[0]}. Use a larger batch or call model.eval()."
+            )
+        if self.training:
+            self.num_batches_tracked.add_(1)
+        out, xhat, rstd = F.batchnorm_forward(
+            x, self.weight.data, self.bias.data, self.running_mean, self.running_var,
+            self.training, self.momentum, self.eps,
+        )
+        self._save_for_backward(xhat, rstd, self.training)
+        return out
+
+    def backward(self, dout: Tensor) -> Tensor:
+        xhat, rstd, training = self._pop_cache()
+        dx, dgamma, dbeta = F.batchnorm_backward(dout, xhat, rstd, self.weight.data, training)
+        self.weight.accumulate(dgamma)
+        self.bias.accumulate(dbeta)
+        return dx
+
+    def reference_forward(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        """``F.batch_norm`` on copies of the running averages (the real forward has already updated them)."""
+        return TF.batch_norm(
+            x, self.running_mean.clone(), self.running_var.clone(), params["weight"], params["bias"],
+            self.training, self.momentum, self.eps,
+        )
+
+    def to_torch(self) -> torch.nn.Module:
+        w = self.weight.data
+        m = torch.nn.BatchNorm1d(self.num_features, self.eps, self.momentum, device=w.device, dtype=w.dtype)
+        m.load_state_dict(self.state_dict())
+        return m
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"

@@ -1,0 +1,72 @@
+"""The 2-2-2 sigmoid network worked by hand in the seed article "Mechanics of Deep Learning".
+
+Two inputs, two sigmoid hidden units ``H1, H2``, two sigmoid outputs ``Y1, Y2``, and the error
+``E = ½ Σ (t − o)²``. The article names the weights ``w1…w8`` row by row:
+``H1 = σ(w1 x1 + w2 x2 + b1)``, ``H2 = σ(w3 x1 + w4 x2 + b1)``, ``Y1 = σ(w5 H1 + w6 H2 + b2)``,
+``Y2 = σ(w7 H1 + w8 H2 + b2)``, so ``w5`` is ``weight[0, 0]`` of the second ``Linear``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nnbackprop.layers import Linear, Sigmoid
+from nnbackprop.losses import MSELoss
+from nnbackprop.model import Sequential
+
+WEIGHTS = (0.10, 0.15, 0.03, 0.08, 0.18, 0.06, 0.11, 0.26)
+HIDDEN_BIAS = 0.05
+OUTPUT_BIAS = 0.42
+INPUT = (0.95, 0.06)
+TARGET = (0.05, 0.82)
+LEARNING_RATE = 0.01
+
+# What the article prints; it rounds intermediate values (H1 = 0.538, H2 = 0.52, ...) before using them.
+ARTICLE = {"H1": 0.538, "H2": 0.52, "Y1": 0.633, "Y2": 0.648, "E": 0.184972, "dE/dw5": 0.07289, "w5 after": 0.1807289}
+
+
+def seed_network(dtype: torch.dtype = torch.float64) -> Sequential:
+    """The article's network with its initial weights: ``Linear(2, 2) → Sigmoid → Linear(2, 2) → Sigmoid``."""
+    net = Sequential(Linear(2, 2, dtype=dtype), Sigmoid(), Linear(2, 2, dtype=dtype), Sigmoid())
+    w = torch.tensor(WEIGHTS, dtype=dtype)
+    net[0].weight.data.copy_(w[:4].reshape(2, 2))
+    net[0].bias.data.fill_(HIDDEN_BIAS)
+    net[2].weight.data.copy_(w[4:].reshape(2, 2))
+    net[2].bias.data.fill_(OUTPUT_BIAS)
+    return net
+
+
+@dataclass
+class WorkedExample:
+    """Exact values of the forward pass, the error, ``∂E/∂w5`` and ``w5`` after one gradient-descent step."""
+
+    H1: float
+    H2: float
+    Y1: float
+    Y2: float
+    E: float
+    dE_dw5: float
+    w5_after: float
+    grads: dict[str, torch.Tensor]
+
+
+def run_worked_example(lr: float = LEARNING_RATE) -> WorkedExample:
+    """Forward, ``E = ½ Σ (t − o)²``, hand-written backward, and one step ``w ← w − lr · ∂E/∂w``, in float64."""
+    net = seed_network()
+    loss_fn = MSELoss("half_sum")
+    x = torch.tensor([INPUT], dtype=torch.float64)  # (1, 2)
+    t = torch.tensor([TARGET], dtype=torch.float64)  # (1, 2)
+    hidden = net[1](net[0](x))
+    out = net[3](net[2](hidden))
+    loss = loss_fn(out, t)
+    net.backward(loss_fn.backward())
+    grads = {name: p.grad.clone() for name, p in net.named_parameters()}
+    dE_dw5 = grads["2.weight"][0, 0].item()
+    for p in net.parameters():
+        p.data.sub_(lr * p.grad)
+    return WorkedExample(
+        H1=hidden[0, 0].item(), H2=hidden[0, 1].item(), Y1=out[0, 0].item(), Y2=out[0, 1].item(),
+        E=loss.item(), dE_dw5=dE_dw5, w5_after=net[2].weight.data[0, 0].item(), grads=grads,
+    )
