@@ -1,0 +1,660 @@
+"""Data sets as tensors, and mini-batches of them on the training device.
+
+:func:`load_dataset` returns a :class:`DataSplits`: train / val / test splits, the class names, and per-channel
+normalisation statistics of the train split. MNIST, Fashion-MNIST and CIFAR-10 cat-vs-dog are small enough to live in
+memory as ``uint8`` tensors (:class:`TensorData`); an ``imagefolder:PATH`` data set is read from its image files on
+demand (:class:`ImageFolderData`).
+
+:func:`make_loader` turns a split into batches ``(x, y)`` on the device: ``x`` float ``(B, C, H, W)`` normalised as
+``(pixel / 255 - mean) / std`` per channel, ``y`` int64 ``(B,)``. A :class:`DeviceLoader` moves the whole split to the
+device once and cuts batches by indexing; a :class:`StreamingLoader` decodes image files in ``DataLoader`` workers.
+Both draw their order from a :class:`ShardedBatchSampler`, which also shards each batch across data-parallel ranks.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import pickle
+import struct
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence, Union
+
+import torch
+import torchvision
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torchvision.transforms.functional import pil_to_tensor
+
+SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+"""Where the Debian package ``dataset-fashion-mnist`` installs the four idx files."""
+
+STATS_SAMPLE_SIZE = 1000
+"""Number of training images the normalisation statistics of an ``imagefolder:`` data set are estimated from."""
+
+MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+CIFAR10_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+                 "batches.meta")
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A data set is in none of the searched places; the message lists them and how to get the data."""
+
+
+@dataclass(frozen=True)
+class TensorData:
+    """A split held in memory.
+
+    Attributes:
+        images: ``uint8`` tensor of shape ``(N, C, H, W)``.
+        labels: ``int64`` tensor of shape ``(N,)``.
+    """
+
+    images: Tensor
+    labels: Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.ndim != 4:
+            raise ValueError(f"images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
+            raise ValueError(f"labels must be int64 ({len(self.images)},), got {self.labels.dtype} "
+                             f"{tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, indices: Tensor) -> "TensorData":
+        return TensorData(self.images[indices], self.labels[indices])
+
+
+class ImageFolderData(Dataset):
+    """A split of an image folder, read from disk one image at a time (in ``DataLoader`` workers).
+
+    Item ``i`` is ``(image, label)``: the file converted to RGB and resized to ``image_size x image_size`` (bilinear,
+    aspect ratio not kept), as a ``uint8`` tensor of shape ``(3, image_size, image_size)``, and its class index.
+
+    Attributes:
+        samples: ``(path, label)`` of each image.
+        image_size: side of the square the images are resized to.
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], image_size: int) -> None:
+        self.samples = list(samples)
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        path, label = self.samples[index]
+        try:
+            with Image.open(path) as image:
+                image = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+        except (OSError, SyntaxError, ValueError) as error:
+            raise ValueError(f"{path}: cannot read this image ({error}); remove or replace the file") from error
+        return pil_to_tensor(image), label
+
+    @property
+    def labels(self) -> Tensor:
+        """``int64`` tensor of shape ``(N,)``."""
+        return torch.tensor([label for _, label in self.samples], dtype=torch.int64)
+
+    def subset(self, indices: Tensor) -> "ImageFolderData":
+        return ImageFolderData([self.samples[i] for i in indices.tolist()], self.image_size)
+
+
+SplitData = Union[TensorData, ImageFolderData]
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """The splits of a data set and what a model and a loader need to know about it.
+
+    Attributes:
+        name: the data set name given to :func:`load_dataset`.
+        train, val, test: the splits; ``val`` is carved from the training data and may be empty.
+        classes: class names, indexed by label.
+        input_shape: ``(C, H, W)`` of one image.
+        mean, std: per-channel mean and standard deviation of ``pixel / 255`` over the train split (length ``C``);
+            a constant channel gets std 1.
+        source: where the data was read from.
+    """
+
+    name: str
+    train: SplitData
+    val: SplitData
+    test: SplitData
+    classes: list[str]
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    source: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+# --- reading files -------------------------------------------------------------------------------------------------
+
+
+def _read_bytes(path: Path) -> bytearray:
+    """The content of ``path``, gunzipped if its name ends in ``.gz``."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as file:
+                return bytearray(file.read())
+        return bytearray(path.read_bytes())
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise ValueError(f"{path}: corrupt or truncated gzip file ({error}); delete it and get it again") from error
+
+
+def read_idx(path: str | Path) -> Tensor:
+    """Read an idx file of unsigned bytes (the MNIST format), gzipped or not.
+
+    The file is the magic number ``00 00 08 ndim``, then ``ndim`` big-endian uint32 sizes, then the values in
+    row-major order.
+
+    Returns:
+        ``uint8`` tensor of shape ``(d_1, ..., d_ndim)``.
+
+    Raises:
+        ValueError: the file is not such an idx file, or is shorter or longer than its header says.
+    """
+    path = Path(path)
+    raw = _read_bytes(path)
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08" or raw[3] == 0:
+        raise ValueError(f"{path}: not an idx file of unsigned bytes (header {bytes(raw[:4]).hex()!r}, expected "
+                         "'000008' and a dimension count); check the file name or get the file again")
+    offset = 4 + 4 * raw[3]
+    if len(raw) < offset:
+        raise ValueError(f"{path}: truncated idx file (the header is cut off); delete it and get it again")
+    shape = struct.unpack(f">{raw[3]}I", raw[4:offset])
+    if len(raw) != offset + math.prod(shape):
+        raise ValueError(f"{path}: truncated or corrupt idx file: its header promises {offset + math.prod(shape)} "
+                         f"bytes for shape {shape}, the file has {len(raw)}; delete it and get it again")
+    return torch.frombuffer(raw, dtype=torch.uint8)[offset:].view(shape)
+
+
+def _read_mnist(files: dict[str, Path], classes: list[str]) -> tuple[TensorData, TensorData]:
+    """The (train, test) splits of MNIST or Fashion-MNIST from its four idx files; images ``(N, 1, 28, 28)``."""
+
+    def split(prefix: str) -> TensorData:
+        images_path, labels_path = files[f"{prefix}-images-idx3-ubyte"], files[f"{prefix}-labels-idx1-ubyte"]
+        images, labels = read_idx(images_path), read_idx(labels_path)
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise ValueError(f"{images_path} (shape {tuple(images.shape)}) and {labels_path} (shape "
+                             f"{tuple(labels.shape)}) are not N images and N labels; get the files again")
+        if len(labels) and int(labels.max()) >= len(classes):
+            raise ValueError(f"{labels_path}: label {int(labels.max())} is out of range for {len(classes)} classes")
+        return TensorData(images.unsqueeze(1), labels.long())
+
+    return split("train"), split("t10k")
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode("latin1") if isinstance(value, bytes) else value
+
+
+def _read_cifar_pickle(path: Path) -> dict[str, Any]:
+    """A pickled dict of the CIFAR-10 python version, with its keys as ``str``."""
+    try:
+        entry = pickle.loads(_read_bytes(path), encoding="latin1")
+    except Exception as error:  # a damaged pickle fails in many ways, all of which mean the same thing here
+        raise ValueError(f"{path}: not a readable CIFAR-10 pickle ({type(error).__name__}: {error}); delete "
+                         "cifar-10-batches-py and get it again") from error
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path}: expected a pickled dict, got {type(entry).__name__}")
+    return {_text(key): value for key, value in entry.items()}
+
+
+def _read_cifar_batch(path: Path) -> TensorData:
+    """One CIFAR-10 batch file: rows of 3072 bytes (1024 red, 1024 green, 1024 blue, each 32x32 row-major)."""
+    entry = _read_cifar_pickle(path)
+    if "data" not in entry or "labels" not in entry:
+        raise ValueError(f"{path}: a CIFAR-10 batch needs the keys 'data' and 'labels', found {sorted(entry)}")
+    data, labels = torch.as_tensor(entry["data"]), torch.as_tensor(entry["labels"], dtype=torch.int64)
+    if data.dtype != torch.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or labels.shape != data.shape[:1]:
+        raise ValueError(f"{path}: expected uint8 data (N, 3072) and N labels, got {data.dtype} {tuple(data.shape)} "
+                         f"and {tuple(labels.shape)} labels")
+    return TensorData(data.view(-1, 3, 32, 32), labels)
+
+
+def _select_classes(data: TensorData, keep: Sequence[int]) -> TensorData:
+    """The examples whose label is in ``keep``, relabelled ``keep[i] -> i``."""
+    new_labels = torch.full_like(data.labels, -1)
+    for new, old in enumerate(keep):
+        new_labels[data.labels == old] = new
+    kept = new_labels >= 0
+    return TensorData(data.images[kept], new_labels[kept])
+
+
+def _read_cifar10_catdog(files: dict[str, Path], classes: list[str]) -> tuple[TensorData, TensorData]:
+    """The (train, test) splits of CIFAR-10 restricted to ``classes`` (cat, dog), relabelled 0, 1, ..."""
+    meta_path = files["batches.meta"]
+    names = [_text(name) for name in _read_cifar_pickle(meta_path).get("label_names", [])]
+    missing = [name for name in classes if name not in names]
+    if missing:
+        raise ValueError(f"{meta_path}: label_names {names} lack {missing}; get cifar-10-batches-py again")
+    keep = [names.index(name) for name in classes]
+    train = [_read_cifar_batch(files[f"data_batch_{i}"]) for i in range(1, 6)]
+    train_all = TensorData(torch.cat([b.images for b in train]), torch.cat([b.labels for b in train]))
+    return _select_classes(train_all, keep), _select_classes(_read_cifar_batch(files["test_batch"]), keep)
+
+
+# --- finding files -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Builtin:
+    """How to find, read and download one of the data sets that :func:`load_dataset` knows by name."""
+
+    title: str
+    subdir: str  # torchvision's folder under a root directory
+    files: tuple[str, ...]  # each may also be gzipped (``name.gz``)
+    classes: list[str]
+    read: Callable[[dict[str, Path], list[str]], tuple[TensorData, TensorData]]
+    download: Callable[[Path], object]  # fetches the files into ``root / subdir``
+    how_to_get: str = ""
+
+
+_BUILTINS = {
+    "mnist": _Builtin(
+        "MNIST", "MNIST/raw", MNIST_FILES, list(torchvision.datasets.MNIST.classes), _read_mnist,
+        lambda root: torchvision.datasets.MNIST(str(root), download=True),
+    ),
+    "fashion-mnist": _Builtin(
+        "Fashion-MNIST", "FashionMNIST/raw", MNIST_FILES, list(torchvision.datasets.FashionMNIST.classes), _read_mnist,
+        lambda root: torchvision.datasets.FashionMNIST(str(root), download=True),
+        f"install it system-wide (apt-get install dataset-fashion-mnist, into {SYSTEM_FASHION_MNIST}); ",
+    ),
+    "cifar10-catdog": _Builtin(
+        "CIFAR-10", "cifar-10-batches-py", CIFAR10_FILES, ["cat", "dog"], _read_cifar10_catdog,
+        lambda root: torchvision.datasets.CIFAR10(str(root), download=True),
+    ),
+}
+DATASETS = (*_BUILTINS, "imagefolder:PATH")
+"""The names :func:`load_dataset` accepts."""
+
+
+def cache_dir() -> Path:
+    """The default data directory: ``$NNBACKPROP_DATA`` if set, else ``~/.cache/nnbackprop``."""
+    return Path(os.environ.get("NNBACKPROP_DATA") or Path.home() / ".cache" / "nnbackprop").expanduser()
+
+
+def default_search_dirs(name: str) -> list[Path]:
+    """Where ``name`` is looked for after ``data_dir``: the system copy (Fashion-MNIST only), then :func:`cache_dir`."""
+    return ([SYSTEM_FASHION_MNIST] if name == "fashion-mnist" else []) + [cache_dir()]
+
+
+def _find_files(directory: Path, names: Sequence[str]) -> tuple[dict[str, Path], list[str]]:
+    """``{name: path}`` of the files found in ``directory`` (``name``, else ``name.gz``), and the names missing."""
+    found, missing = {}, []
+    for name in names:
+        path = next((p for p in (directory / name, directory / f"{name}.gz") if p.is_file()), None)
+        if path is None:
+            missing.append(name)
+        else:
+            found[name] = path
+    return found, missing
+
+
+def _locate(spec: _Builtin, roots: Sequence[Path], download_to: Path) -> tuple[Path, dict[str, Path]]:
+    """The first of ``root / spec.subdir`` and ``root`` (for each root in order) holding all of ``spec.files``."""
+    searched = []
+    for directory in (d for root in roots for d in (root / spec.subdir, root)):
+        if not directory.is_dir():
+            searched.append(f"  {directory} (no such directory)")
+            continue
+        found, missing = _find_files(directory, spec.files)
+        if not missing:
+            return directory, found
+        searched.append(f"  {directory} (missing {', '.join(missing)})")
+    places = "\n".join(searched) or "  nowhere (no directories given)"
+    raise DatasetNotFoundError(
+        f"{spec.title} not found. Searched:\n{places}\nTo get it: {spec.how_to_get}pass "
+        f"--download (download=True) to fetch it with torchvision into {download_to / spec.subdir}; or pass "
+        f"--data-dir DIR (data_dir=DIR) naming a directory that holds {', '.join(spec.files)} (gzipped or not), "
+        f"directly or in DIR/{spec.subdir}."
+    )
+
+
+def _download(spec: _Builtin, root: Path) -> None:
+    try:
+        spec.download(root)
+    except Exception as error:  # torchvision raises URLError, RuntimeError, OSError, ... for a failed download
+        raise RuntimeError(f"downloading {spec.title} into {root / spec.subdir} failed ({error}); check the network, "
+                           "or fetch the files yourself and pass --data-dir DIR") from error
+
+
+# --- splits and statistics -----------------------------------------------------------------------------------------
+
+
+def _permutation(n: int, seed: int) -> Tensor:
+    """``torch.randperm(n)`` from a CPU generator seeded with ``seed``: the same on every machine and device."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+def _hold_out(data: SplitData, size: int, seed: int, what: str) -> tuple[SplitData, SplitData]:
+    """Split ``data`` into (rest, held out): ``size`` examples picked by a seeded permutation; both keep file order."""
+    if not 0 <= size < len(data):
+        raise ValueError(f"val_size {size} must be in [0, {len(data)}) to split {len(data)} examples into train and "
+                         f"{what}; pass a smaller val_size")
+    order = _permutation(len(data), seed)
+    return data.subset(order[size:].sort().values), data.subset(order[:size].sort().values)
+
+
+def _histogram(images: Tensor) -> Tensor:
+    """Count of each byte value per channel: ``(N, C, H, W)`` uint8 -> ``(C, 256)`` int64."""
+    return torch.stack([torch.bincount(images[:, c].reshape(-1), minlength=256) for c in range(images.shape[1])])
+
+
+def _mean_std(histogram: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and population standard deviation of ``pixel / 255``, exact from a ``(C, 256)`` histogram.
+
+    ``mean = sum_v count[v] * v / n``, ``std = sqrt(sum_v count[v] * v^2 / n - mean^2)``, ``v = 0, 1/255, ..., 1``.
+    A constant channel gets std 1, so that normalising it only centres it.
+    """
+    values = torch.arange(256, dtype=torch.float64) / 255
+    count = histogram.sum(1).double()
+    mean = (histogram * values).sum(1) / count
+    std = ((histogram * values**2).sum(1) / count - mean**2).clamp_min(0).sqrt()
+    std = torch.where(std > 1e-12, std, torch.ones_like(std))
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+def _folder_histogram(data: ImageFolderData, seed: int, num_workers: int) -> Tensor:
+    """The ``(3, 256)`` histogram of at most :data:`STATS_SAMPLE_SIZE` images of ``data``, picked by ``seed``."""
+    picked = _permutation(len(data), seed)[:STATS_SAMPLE_SIZE].tolist()
+    loader = DataLoader(Subset(data, picked), batch_size=100, num_workers=num_workers)
+    return sum(_histogram(images) for images, _ in loader)
+
+
+# --- loading -------------------------------------------------------------------------------------------------------
+
+
+def _default_num_workers() -> int:
+    return min(8, os.cpu_count() or 1)
+
+
+def _load_image_folder(name: str, root: Path, val_size: int, seed: int, image_size: int) -> DataSplits:
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"image folder {root} does not exist; pass imagefolder:PATH with PATH a directory "
+                                   "holding one subdirectory of images per class (or train/ and test/ with those)")
+    if image_size < 1:
+        raise ValueError(f"image_size must be positive, got {image_size}")
+    has_test = (root / "train").is_dir() and (root / "test").is_dir()
+    folder = torchvision.datasets.ImageFolder(str(root / "train" if has_test else root))
+    data = ImageFolderData(folder.samples, image_size)
+    if has_test:
+        test_folder = torchvision.datasets.ImageFolder(str(root / "test"))
+        if test_folder.classes != folder.classes:
+            raise ValueError(f"{root}/train has classes {folder.classes} but {root}/test has {test_folder.classes}; "
+                             "both need the same class subdirectories")
+        test = ImageFolderData(test_folder.samples, image_size)
+    else:
+        data, test = _hold_out(data, val_size, seed, "test")
+    train, val = _hold_out(data, val_size, seed, "val")
+    mean, std = _mean_std(_folder_histogram(train, seed, _default_num_workers()))
+    return DataSplits(name, train, val, test, list(folder.classes), (3, image_size, image_size), mean, std, str(root))
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | Path | None = None,
+    download: bool = False,
+    val_size: int = 5000,
+    seed: int = 0,
+    image_size: int = 32,
+    search_dirs: Sequence[str | Path] | None = None,
+) -> DataSplits:
+    """Load a data set and split it into train / val / test.
+
+    Args:
+        name: ``"mnist"``, ``"fashion-mnist"``, ``"cifar10-catdog"`` (CIFAR-10 cats and dogs, labels 0=cat, 1=dog)
+            or ``"imagefolder:PATH"``.
+        data_dir: searched first, both as torchvision lays it out (``data_dir/FashionMNIST/raw``,
+            ``data_dir/cifar-10-batches-py``) and flat (the files directly in ``data_dir``); idx files may be
+            gzipped. Also where ``download`` puts the files (default: :func:`cache_dir`).
+        download: fetch the data set with torchvision when no searched place has it.
+        val_size: number of training examples held out for validation, picked by a permutation seeded with ``seed``;
+            may be 0.
+        seed: seed of the validation split (and of the test split of an image folder without ``test/``).
+        image_size: side of the square an ``imagefolder`` image is resized to.
+        search_dirs: where to look after ``data_dir``, each again in both layouts; default
+            :func:`default_search_dirs` (``/usr/share/datasets/fashion-mnist`` for Fashion-MNIST, then
+            :func:`cache_dir`).
+
+    ``imagefolder:PATH`` is a ``torchvision.datasets.ImageFolder`` directory (one subdirectory per class) whose images
+    are read on demand (:class:`ImageFolderData`). If ``PATH`` has ``train/`` and ``test/`` subdirectories, test is
+    ``PATH/test`` and train / val come from ``PATH/train``; otherwise test is carved first from ``PATH``, with
+    ``val_size`` images as well. Its normalisation statistics are estimated from :data:`STATS_SAMPLE_SIZE` training
+    images; ``data_dir``, ``download`` and ``search_dirs`` do not apply to it.
+
+    Raises:
+        DatasetNotFoundError: no searched place has the data set (and ``download`` is off); the message lists them.
+        ValueError: unknown name, a corrupt or truncated file (named in the message), or ``val_size`` out of range.
+    """
+    if name.startswith("imagefolder:"):
+        return _load_image_folder(name, Path(name.removeprefix("imagefolder:")).expanduser(), val_size, seed,
+                                  image_size)
+    if name not in _BUILTINS:
+        raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    spec = _BUILTINS[name]
+    download_to = Path(data_dir).expanduser() if data_dir is not None else cache_dir()
+    roots = ([download_to] if data_dir is not None else []) + [
+        Path(d).expanduser() for d in (default_search_dirs(name) if search_dirs is None else search_dirs)]
+    try:
+        directory, files = _locate(spec, roots, download_to)
+    except DatasetNotFoundError:
+        if not download:
+            raise
+        _download(spec, download_to)
+        directory, files = _locate(spec, [download_to], download_to)
+    train, test = spec.read(files, spec.classes)
+    train, val = _hold_out(train, val_size, seed, "val")
+    mean, std = _mean_std(_histogram(train.images))
+    return DataSplits(name, train, val, test, list(spec.classes), tuple(train.images.shape[1:]), mean, std,
+                      str(directory))
+
+
+# --- batches -------------------------------------------------------------------------------------------------------
+
+
+def normalize(images: Tensor, mean: Tensor | Sequence[float], std: Tensor | Sequence[float],
+              dtype: torch.dtype = torch.float32) -> Tensor:
+    """``(images / 255 - mean) / std`` per channel.
+
+    Args:
+        images: ``uint8`` tensor of shape ``(N, C, H, W)``.
+        mean, std: length ``C`` (or 1).
+
+    Returns:
+        Tensor of shape ``(N, C, H, W)`` and dtype ``dtype``, on the device of ``images``; computed in at least
+        float32.
+    """
+    work = torch.promote_types(dtype, torch.float32)
+    mean = torch.as_tensor(mean, dtype=work, device=images.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=work, device=images.device).view(1, -1, 1, 1)
+    return images.to(work).div_(255).sub_(mean).div_(std).to(dtype)
+
+
+def _per_channel(values: float | Sequence[float], channels: int, what: str) -> tuple[float, ...]:
+    """``values`` as ``channels`` floats; a single value is repeated."""
+    values = (float(values),) if isinstance(values, (int, float)) else tuple(float(v) for v in values)
+    if len(values) == 1:
+        values *= channels
+    if len(values) != channels:
+        raise ValueError(f"{what} has {len(values)} values but the images have {channels} channels")
+    return values
+
+
+def _mean_std_per_channel(mean: float | Sequence[float], std: float | Sequence[float],
+                          channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    mean, std = _per_channel(mean, channels, "mean"), _per_channel(std, channels, "std")
+    if min(std) <= 0:
+        raise ValueError(f"std must be positive, got {std}")
+    return mean, std
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """The index batches of one data-parallel rank; every rank draws the same global order.
+
+    Each epoch the order of the ``num_examples`` examples is ``torch.randperm`` from a CPU generator seeded with
+    ``seed + epoch`` (file order if not ``shuffle``), so it is reproducible from the seed and :meth:`set_epoch`, as
+    with ``DistributedSampler``. The order is cut into global batches of ``batch_size``; rank ``r`` takes rows
+    ``[r * b, (r + 1) * b)`` of each, ``b = batch_size // world_size``. The last global batch, of ``m < batch_size``
+    examples, is dropped if ``drop_last``; otherwise its first ``(m // world_size) * world_size`` examples are shared
+    the same way and the other ``m % world_size < world_size`` are left out this epoch (with ``world_size == 1``,
+    none). So every rank yields the same number of batches, all ranks' batch ``i`` together form global batch ``i``,
+    and with one rank and ``drop_last=False`` each epoch visits every example exactly once.
+
+    Attributes:
+        bounds: ``[start, stop)`` of each of this rank's batches in the epoch's order.
+        num_samples: examples this rank sees per epoch.
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, *, shuffle: bool = False, seed: int = 0,
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__()
+        if batch_size < 1 or world_size < 1:
+            raise ValueError(f"batch_size and world_size must be positive, got {batch_size} and {world_size}")
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} (the global batch) is not divisible by world_size {world_size}; "
+                             "pass a multiple of the number of ranks")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is out of range for world_size {world_size}")
+        self.num_examples, self.shuffle, self.seed, self.epoch = num_examples, shuffle, seed, 0
+        full, rest = divmod(num_examples, batch_size)
+        sizes = [batch_size] * full + ([rest] if rest and not drop_last else [])
+        self.bounds: list[tuple[int, int]] = []
+        for i, size in enumerate(sizes):
+            local = size // world_size
+            if local:
+                start = i * batch_size + rank * local
+                self.bounds.append((start, start + local))
+        self.num_samples = sum(stop - start for start, stop in self.bounds)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the order of epoch ``epoch`` from now on; call it before each epoch, on every rank."""
+        self.epoch = epoch
+
+    def order(self) -> Tensor:
+        """This epoch's order of all examples: ``int64`` CPU tensor of shape ``(num_examples,)``."""
+        if self.shuffle:
+            return _permutation(self.num_examples, self.seed + self.epoch)
+        return torch.arange(self.num_examples)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = self.order()
+        for start, stop in self.bounds:
+            yield order[start:stop].tolist()
+
+    def __len__(self) -> int:
+        return len(self.bounds)
+
+
+class DeviceLoader:
+    """Mini-batches of an in-memory split, kept on ``device`` as normalised floats.
+
+    On construction the ``uint8`` images are moved to ``device`` and normalised once (:func:`normalize`); iterating
+    yields ``(x, y)``: ``x`` of shape ``(B, C, H, W)`` and dtype ``dtype``, ``y`` int64 ``(B,)``, both on ``device``,
+    gathered with one index per batch, in the order of a :class:`ShardedBatchSampler` (see it for shuffling, the last
+    batch and sharding; ``batch_size`` is the global batch). Call :meth:`set_epoch` before each epoch.
+
+    Attributes:
+        images: the whole split, normalised, on ``device``: ``(N, C, H, W)`` of dtype ``dtype``.
+        labels: ``int64`` ``(N,)`` on ``device``.
+        mean, std: the per-channel statistics used, length ``C``.
+    """
+
+    def __init__(self, data: TensorData, batch_size: int, *, mean: float | Sequence[float],
+                 std: float | Sequence[float], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 shuffle: bool = False, seed: int = 0, drop_last: bool = False, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.sampler = ShardedBatchSampler(len(data), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                                           rank=rank, world_size=world_size)
+        self.device = torch.device(device)
+        self.mean, self.std = _mean_std_per_channel(mean, std, data.images.shape[1])
+        self.images = normalize(data.images.to(self.device), self.mean, self.std, dtype)  # (N, C, H, W)
+        self.labels = data.labels.to(self.device)  # (N,)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    @property
+    def num_samples(self) -> int:
+        return self.sampler.num_samples
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        order = self.sampler.order().to(self.device)
+        for start, stop in self.sampler.bounds:
+            index = order[start:stop]
+            yield self.images.index_select(0, index), self.labels.index_select(0, index)
+
+
+class StreamingLoader:
+    """Mini-batches of an :class:`ImageFolderData`, decoded by ``DataLoader`` workers and normalised on ``device``.
+
+    Same interface and batch order as :class:`DeviceLoader`: workers read and resize the images of each batch of the
+    :class:`ShardedBatchSampler` and return them as ``uint8``; the batch is moved to ``device`` (from pinned memory
+    when it is a GPU) and normalised there. Workers persist across epochs.
+    """
+
+    def __init__(self, data: ImageFolderData, batch_size: int, *, mean: float | Sequence[float],
+                 std: float | Sequence[float], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 shuffle: bool = False, seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1,
+                 num_workers: int | None = None) -> None:
+        self.sampler = ShardedBatchSampler(len(data), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                                           rank=rank, world_size=world_size)
+        self.device, self.dtype = torch.device(device), dtype
+        self.mean, self.std = _mean_std_per_channel(mean, std, 3)
+        self._mean, self._std = torch.tensor(self.mean, device=self.device), torch.tensor(self.std, device=self.device)
+        num_workers = _default_num_workers() if num_workers is None else num_workers
+        self.loader = DataLoader(data, batch_sampler=self.sampler, num_workers=num_workers,
+                                 pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    @property
+    def num_samples(self) -> int:
+        return self.sampler.num_samples
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for images, labels in self.loader:  # (B, 3, S, S) uint8, (B,) int64
+            images = images.to(self.device, non_blocking=True)
+            yield normalize(images, self._mean, self._std, self.dtype), labels.to(self.device, non_blocking=True)
+
+
+Loader = Union[DeviceLoader, StreamingLoader]
+
+
+def make_loader(data: SplitData, batch_size: int, *, mean: float | Sequence[float], std: float | Sequence[float],
+                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, shuffle: bool = False,
+                seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1,
+                num_workers: int | None = None) -> Loader:
+    """A :class:`DeviceLoader` for a :class:`TensorData`, a :class:`StreamingLoader` (``num_workers`` workers,
+    default ``min(8, cpu count)``) for an :class:`ImageFolderData`; see them for the arguments."""
+    options = dict(mean=mean, std=std, device=device, dtype=dtype, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                   rank=rank, world_size=world_size)
+    if isinstance(data, TensorData):
+        return DeviceLoader(data, batch_size, **options)
+    if isinstance(data, ImageFolderData):
+        return StreamingLoader(data, batch_size, num_workers=num_workers, **options)
+    raise TypeError(f"make_loader takes TensorData or ImageFolderData, got {type(data).__name__}")
