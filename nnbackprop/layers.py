@@ -71,9 +71,12 @@ class Linear(Module):
         b = torch.zeros(self.out_features, dtype=w.dtype, device=device)
         fan_in, fan_out = self.in_features, self.out_features
         if self.init == "default":
-            bound = 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=√5), as torch.nn.Linear
-            w.uniform_(-bound, bound, generator=generator)
-            b.uniform_(-bound, bound, generator=generator)
+            bound = 1.0 / math.sqrt(fan_in)
+            # kaiming_uniform_(a=√5) rounded exactly as torch.nn.Linear rounds it, so the same seed gives the same bits
+            w_bound = math.sqrt(3.0) * (math.sqrt(2.0 / (1 + math.sqrt(5) ** 2)) / math.sqrt(fan_in))
+            w.uniform_(-w_bound, w_bound, generator=generator)
+            if self.bias is not None:  # torch.nn.Linear draws no bias values when it has none
+                b.uniform_(-bound, bound, generator=generator)
         elif self.init == "kaiming":
             w.normal_(0.0, math.sqrt(2.0 / fan_in), generator=generator)
         else:

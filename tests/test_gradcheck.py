@@ -1,0 +1,227 @@
+"""The gradient checker itself: it passes correct user layers, and fails wrong backwards, wrong forwards and wrong
+losses, through autograd and through finite differences."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pytest
+import torch
+from torch.autograd.gradcheck import GradcheckError
+from conftest import assert_failed, assert_passed, make_input
+
+from nnbackprop import (BatchNorm1d, CrossEntropyLoss, Dropout, Linear, Module, Parameter, ReLU, check_gradients,
+                        check_gradients_fd)
+from nnbackprop import functional as F
+from nnbackprop.gradcheck import TOLERANCES, builtin_checks, compare
+
+F64 = torch.float64
+
+
+class ReLUForgetsMask(ReLU):
+    """Backward passes ``dout`` straight through, as if ReLU were the identity."""
+
+    def _backward(self, dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return dout
+
+
+class LinearWrongdW(Linear):
+    """A ``Linear`` whose weight gradient is passed through ``wrong`` (e.g. scaled or transposed)."""
+
+    def __init__(self, features: int, wrong: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__(features, features, dtype=F64, generator=torch.Generator().manual_seed(0))
+        self.wrong = wrong
+
+    def backward(self, dout: torch.Tensor) -> torch.Tensor:
+        dx = super().backward(dout)
+        self.weight.grad = self.wrong(self.weight.grad)
+        return dx
+
+
+class LeakyPretendingReLU(ReLU):
+    """A leaky forward with its own, consistent backward; it keeps ``ReLU.reference_forward``."""
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return F.leaky_relu_forward(x, 0.1), x
+
+    def _backward(self, dout: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu_backward(dout, x, 0.1)
+
+
+class CrossEntropyForgetsMean(CrossEntropyLoss):
+    """Backward of the summed loss for a mean-reduced forward."""
+
+    def backward(self, dloss: torch.Tensor | float = 1.0) -> torch.Tensor:
+        probs, target = self._pop_cache()
+        return F.cross_entropy_backward(dloss, probs, target, "sum")
+
+
+class Swish(Module):
+    """A user's layer with no ``reference_forward``: ``x · σ(x)``, ``dx = dout · (σ + x σ (1 − σ))``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        s = torch.sigmoid(x)
+        self._save_for_backward(x, s)
+        return x * s
+
+    def backward(self, dout: torch.Tensor) -> torch.Tensor:
+        x, s = self._pop_cache()
+        return dout * (s + x * s * (1 - s))
+
+
+class SwishForgetsProductRule(Swish):
+    def backward(self, dout: torch.Tensor) -> torch.Tensor:
+        x, s = self._pop_cache()
+        return dout * s
+
+
+class LayerNorm(Module):
+    """A user's layer with parameters and no ``reference_forward``: normalise each row, then scale and shift."""
+
+    def __init__(self, features: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        g = torch.Generator().manual_seed(0)
+        self.weight = Parameter(1 + 0.5 * torch.randn(features, generator=g, dtype=F64))
+        self.bias = Parameter(0.5 * torch.randn(features, generator=g, dtype=F64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x, ndim=2, features=self.weight.shape[0])
+        rstd = torch.rsqrt(x.var(1, unbiased=False, keepdim=True) + self.eps)  # (N, 1)
+        xhat = (x - x.mean(1, keepdim=True)) * rstd  # (N, D)
+        self._save_for_backward(xhat, rstd)
+        return xhat * self.weight.data + self.bias.data
+
+    def backward(self, dout: torch.Tensor) -> torch.Tensor:
+        xhat, rstd = self._pop_cache()
+        self.weight.accumulate((dout * xhat).sum(0))
+        self.bias.accumulate(dout.sum(0))
+        return self._dx(dout * self.weight.data, xhat, rstd)
+
+    @staticmethod
+    def _dx(dxhat: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+        return (dxhat - dxhat.mean(1, keepdim=True) - xhat * (dxhat * xhat).mean(1, keepdim=True)) * rstd
+
+
+class LayerNormConstantStatistics(LayerNorm):
+    """Treats the row mean and variance as constants: the ``dx`` of evaluation-mode batch norm, wrong here."""
+
+    @staticmethod
+    def _dx(dxhat: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+        return dxhat * rstd
+
+
+class LayerNormForgetsXhat(LayerNorm):
+    def backward(self, dout: torch.Tensor) -> torch.Tensor:
+        dx = super().backward(dout)
+        self.weight.grad = dout.sum(0)
+        return dx
+
+
+# name -> (module, input shape, the tensors whose check must fail; none for a correct module)
+SUBJECTS: dict[str, tuple[Callable[[], Module], tuple[int, ...], tuple[str, ...]]] = {
+    "swish": (Swish, (5, 7), ()),
+    "layernorm": (lambda: LayerNorm(6), (4, 6), ()),
+    "relu-forgets-mask": (ReLUForgetsMask, (5, 7), ("input",)),
+    "linear-dW-scaled": (lambda: LinearWrongdW(4, lambda dW: 2 * dW), (3, 4), ("weight",)),
+    "linear-dW-transposed": (lambda: LinearWrongdW(4, lambda dW: dW.t()), (3, 4), ("weight",)),
+    "leaky-forward-with-relu-reference": (LeakyPretendingReLU, (5, 7), ("output", "input")),
+    "swish-forgets-product-rule": (SwishForgetsProductRule, (5, 7), ("input",)),
+    "layernorm-constant-statistics": (lambda: LayerNormConstantStatistics(6), (4, 6), ("input",)),
+    "layernorm-dgamma-forgets-xhat": (lambda: LayerNormForgetsXhat(6), (4, 6), ("weight",)),
+}
+# A wrong forward with a consistent backward is invisible to finite differences; only the reference catches it.
+FD_WRONG = [name for name, (_, _, failing) in SUBJECTS.items() if failing and "output" not in failing]
+
+
+@pytest.mark.parametrize("name", SUBJECTS)
+def test_check_gradients_passes_right_and_fails_wrong(name: str, gen: torch.Generator, device: torch.device,
+                                                      dtype: torch.dtype) -> None:
+    factory, shape, failing = SUBJECTS[name]
+    module = factory().to(device=device, dtype=dtype)
+    report = check_gradients(module, make_input(shape, gen, device=device, dtype=dtype), generator=gen)
+    if failing:
+        assert_failed(report, *failing)
+        assert "FAIL" in str(report)
+    else:
+        assert_passed(report)
+
+
+@pytest.mark.parametrize("name", SUBJECTS)
+def test_finite_differences_pass_right_and_fail_wrong_backward(name: str, gen: torch.Generator) -> None:
+    factory, shape, _ = SUBJECTS[name]
+    x = make_input(shape, gen)
+    assert check_gradients_fd(factory(), x) is (name not in FD_WRONG)
+    if name in FD_WRONG:
+        with pytest.raises(GradcheckError, match="Jacobian mismatch"):
+            check_gradients_fd(factory(), x, raise_exception=True)
+
+
+def test_wrong_loss_backward_fails(gen: torch.Generator) -> None:
+    x, labels = make_input((5, 4), gen), torch.tensor([0, 3, 1, 1, 2])
+    assert_passed(check_gradients(CrossEntropyLoss(), x, labels))
+    assert_failed(check_gradients(CrossEntropyForgetsMean(), x, labels), "input")
+    assert check_gradients_fd(CrossEntropyLoss(), x, labels) is True
+    assert check_gradients_fd(CrossEntropyForgetsMean(), x, labels) is False
+
+
+def test_check_leaves_hand_written_gradients_and_state_behind(gen: torch.Generator) -> None:
+    layer = Linear(3, 2, dtype=F64, generator=gen)
+    layer.weight.grad = torch.full((2, 3), 100.0, dtype=F64)
+    x, dout = make_input((4, 3), gen), make_input((4, 2), gen)
+    assert_passed(check_gradients(layer, x, dout=dout))
+    torch.testing.assert_close(layer.weight.grad, dout.t() @ x)
+
+
+def test_finite_differences_restore_buffers_and_clear_gradients(gen: torch.Generator) -> None:
+    bn = BatchNorm1d(4, dtype=F64)
+    bn.weight.grad = torch.ones(4, dtype=F64)
+    state = bn.state_dict()
+    assert check_gradients_fd(bn, make_input((6, 4), gen, scale=2.0, shift=1.0))
+    for key, value in bn.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert all(p.grad is None for p in bn.parameters())
+
+
+def test_finite_differences_see_the_same_dropout_mask_in_every_evaluation(gen: torch.Generator) -> None:
+    dropout = Dropout(0.5, generator=torch.Generator().manual_seed(3))
+    assert check_gradients_fd(dropout, make_input((6, 4), gen))
+
+
+def test_compare_is_relative_to_the_larger_of_the_reference_and_the_check_scale() -> None:
+    zeros, rounding = torch.zeros(3, dtype=F64), torch.full((3,), 1e-13, dtype=F64)
+    assert compare("bias", rounding, zeros, TOLERANCES[F64], scale=1.0).passed
+    assert not compare("bias", rounding, zeros, TOLERANCES[F64], scale=1e-4).passed
+    ref = torch.tensor([1e-3, -2e-3], dtype=F64)
+    assert compare("w", ref * (1 + 1e-12), ref, TOLERANCES[F64]).passed
+    assert not compare("w", ref * (1 + 1e-8), ref, TOLERANCES[F64]).passed
+    assert not compare("w", torch.tensor([1.0, float("nan")]), torch.tensor([1.0, 2.0]), 1e-5).passed
+    with pytest.raises(ValueError, match="shape"):
+        compare("w", torch.zeros(2, 3), torch.zeros(3, 2), 1e-5)
+
+
+def test_tolerances_are_tight_in_float64_and_loose_in_float32() -> None:
+    assert TOLERANCES[torch.float64] <= 1e-10 < TOLERANCES[torch.float32] <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: check_gradients(CrossEntropyLoss(), torch.randn(2, 3)), ValueError, "a loss needs a target"),
+        (lambda: check_gradients_fd(ReLU(), torch.randn(2, 3)), ValueError, "needs float64"),
+        (lambda: check_gradients(ReLU(), torch.ones(2, 3, dtype=torch.int64)), ValueError, "pass rtol"),
+    ],
+    ids=["loss-without-target", "fd-in-float32", "no-tolerance-for-dtype"],
+)
+def test_checker_misuse_is_reported(call: Callable[[], object], error: type[Exception], message: str) -> None:
+    with pytest.raises(error, match=message):
+        call()
+
+
+@pytest.mark.parametrize("dtype_", [torch.float64, torch.float32])
+def test_builtin_checks_all_pass(dtype_: torch.dtype, device: torch.device) -> None:
+    reports = builtin_checks(device, dtype_)
+    assert len(reports) > 20
+    for report in reports:
+        assert_passed(report)
