@@ -33,9 +33,11 @@ data:
 test: venv data
 	$(PY) -m pytest
 
+# 3 epochs of a 784-512-512-10 MLP on Fashion-MNIST (about 85% test accuracy), the gradient check, the worked example.
 demo: venv data
-	$(PY) experiments/seed_worked_example.py
+	$(PY) -m nnbackprop train --dataset fashion-mnist --hidden 512,512 --epochs 3 --out runs/demo --overwrite
 	$(PY) -m nnbackprop gradcheck
+	$(PY) experiments/seed_worked_example.py
 
 gradcheck: venv
 	$(PY) -m nnbackprop gradcheck

@@ -29,7 +29,7 @@ import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -222,6 +222,17 @@ def reduce_metrics(ctx: DistContext, *metrics: Tensor) -> tuple[Tensor, ...]:
     with _collective(ctx, "the metrics all_reduce"):
         dist.all_reduce(packed, op=dist.ReduceOp.SUM)
     return tuple(total.to(m.dtype) for total, m in zip(packed.unbind(), metrics))
+
+
+def gather_objects(ctx: DistContext, obj: Any) -> list[Any]:
+    """Every rank's ``obj`` (a picklable value, e.g. a generator state), by rank, on every rank: ``[obj]`` for a
+    single process."""
+    if not ctx.distributed:
+        return [obj]
+    gathered: list[Any] = [None] * ctx.world_size
+    with _collective(ctx, "gathering per-rank state"):
+        dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def broadcast_module(ctx: DistContext, model: Module, src: int = 0) -> None:

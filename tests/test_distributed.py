@@ -306,3 +306,41 @@ def test_rank_seed() -> None:
 
 if __name__ == "__main__":
     worker(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]))
+
+
+def test_torchrun_train_matches_one_process(tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node=2 -m nnbackprop train`` end to end: the two ranks' run ends with the weights of a
+    single process on the same global batches (float64, to rounding), and only rank 0 writes results."""
+    from datagen import write_fake_mnist
+
+    from nnbackprop.checkpoint import load_checkpoint
+
+    data_dir = tmp_path / "data"
+    write_fake_mnist(data_dir, n_train=260, n_test=40)
+    common = ["train", "--dataset", "mnist", "--data-dir", str(data_dir), "--val-size", "60", "--hidden", "16,8",
+              "--epochs", "2", "--batch-size", "20", "--lr", "0.05", "--momentum", "0.9", "--dtype", "float64",
+              "--device", "cpu", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NNBACKPROP_DATA": str(tmp_path / "cache")}
+    single = subprocess.run([sys.executable, "-m", "nnbackprop", *common, "--out", str(tmp_path / "one")],
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert single.returncode == 0, single.stderr
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                f"--master_port={free_port()}", "-m", "nnbackprop"]
+    proc = subprocess.Popen([*launcher, *common, "--out", str(tmp_path / "two")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "data-parallel: 2 processes (gloo), global batch 20" in stdout
+    assert stdout.count("epoch 2/2") == 1  # rank 0 alone reports
+    one, two = (load_checkpoint(tmp_path / d / "checkpoint.pt") for d in ("one", "two"))
+    assert two["run"]["world_size"] == 2 and len(two["rng"]["generators"]) == 2
+    for key, value in one["model"].items():
+        torch.testing.assert_close(two["model"][key], value, rtol=1e-12, atol=1e-12)
+    s1, s2 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
+    assert s2["test_accuracy"] == s1["test_accuracy"]
+    assert abs(s2["test_loss"] - s1["test_loss"]) < 1e-10

@@ -1,0 +1,142 @@
+"""``nnbackprop train`` and ``nnbackprop evaluate`` on small generated idx files; bad arguments give one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from datagen import write_fake_mnist
+
+from nnbackprop.cli import main
+
+SMALL = ["--hidden", "16", "--batch-size", "50", "--val-size", "50", "--device", "cpu", "--quiet"]
+
+
+@pytest.fixture
+def mnist_dir(tmp_path, monkeypatch):
+    """Fake MNIST idx files (300 train, 50 test) in tmp_path/data; the default data cache is an empty directory."""
+    monkeypatch.setenv("NNBACKPROP_DATA", str(tmp_path / "empty-cache"))
+    write_fake_mnist(tmp_path / "data")
+    return tmp_path / "data"
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    try:
+        code = main(list(argv))
+    except SystemExit as exit:
+        code = exit.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_then_evaluate(tmp_path, mnist_dir, capsys):
+    out_dir = tmp_path / "run"
+    code, out, err = run(capsys, "train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--epochs", "2",
+                         "--out", str(out_dir), *SMALL)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith(f"data: mnist from {mnist_dir}: 250 train / 50 val / 50 test")
+    assert lines[1].startswith("model: MLP 784-16-10 (relu), 12,730 parameters")
+    epoch_lines = [line for line in lines if line.startswith("epoch ")]
+    assert len(epoch_lines) == 2 and epoch_lines[0].startswith("epoch 1/2 | train loss ")
+    assert " | val loss " in epoch_lines[0] and epoch_lines[0].endswith("samples/s")
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert f"test loss {summary['test_loss']:.4f} accuracy {100 * summary['test_accuracy']:.2f}%" in out
+    assert len((out_dir / "metrics.jsonl").read_text().splitlines()) == 2
+
+    code, out, err = run(capsys, "evaluate", str(out_dir / "checkpoint.pt"), "--device", "cpu")
+    assert code == 0, err
+    assert f"loss {summary['test_loss']:.4f} accuracy {100 * summary['test_accuracy']:.2f}%" in out
+    assert "50 examples" in out
+
+
+def test_resume_from_the_command_line(tmp_path, mnist_dir, capsys):
+    args = ["train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--out", str(tmp_path / "run"), *SMALL]
+    assert run(capsys, *args, "--epochs", "1")[0] == 0
+    code, out, err = run(capsys, *args, "--epochs", "2")
+    assert code == 2 and "already exists" in err and "--resume" in err
+    code, out, err = run(capsys, *args, "--epochs", "2", "--resume")
+    assert code == 0, err
+    assert "resuming" in out and "epoch 1/2" not in out and "epoch 2/2" in out
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2
+    code, out, err = run(capsys, *args, "--epochs", "2", "--resume", "--hidden", "8")
+    assert code == 2 and "other settings: hidden (16,) there, (8,) here" in err and len(err.splitlines()) == 1
+
+
+def test_divergence_is_one_line_with_a_hint(tmp_path, mnist_dir, capsys):
+    code, out, err = run(capsys, "train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--lr", "1e30",
+                         "--out", str(tmp_path / "run"), *SMALL)
+    assert code == 1 and len(err.splitlines()) == 1
+    assert "non-finite in epoch 1, step" in err and "--lr" in err
+
+
+def test_plot_writes_curves(tmp_path, mnist_dir, capsys):
+    pytest.importorskip("matplotlib", reason="--plot needs the optional matplotlib")
+    code, out, err = run(capsys, "train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--epochs", "2",
+                         "--out", str(tmp_path / "run"), "--plot", *SMALL)
+    assert code == 0, err
+    for name in ("loss.png", "accuracy.png"):
+        assert (tmp_path / "run" / name).read_bytes().startswith(b"\x89PNG")
+
+
+def test_plot_without_matplotlib_fails_before_training(tmp_path, mnist_dir, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes "import matplotlib" raise ImportError
+    code, out, err = run(capsys, "train", "--dataset", "mnist", "--data-dir", str(mnist_dir),
+                         "--out", str(tmp_path / "run"), "--plot", *SMALL)
+    assert code == 2 and "pip install 'nnbackprop[plot]'" in err and out == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lr", "-0.1"], "argument --lr: must be > 0, got -0.1"),
+    (["--lr", "fast"], "argument --lr: expected a number, got 'fast'"),
+    (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["--epochs", "2.5"], "argument --epochs: expected an integer"),
+    (["--dataset", "imagenet"], "unknown data set 'imagenet'"),
+    (["--hidden", "512,x"], "argument --hidden: expected comma-separated layer widths"),
+    (["--hidden", "512,-3"], "layer widths must be positive"),
+    (["--dropout", "1"], "argument --dropout: must be in [0, 1)"),
+    (["--nesterov", "--momentum", "0"], "nesterov needs a momentum > 0"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--dataset", "mnist"], "MNIST not found. Searched:"),
+    (["--dataset", "imagefolder:/nonexistent/cats"], "image folder /nonexistent/cats does not exist"),
+])
+def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("NNBACKPROP_DATA", str(tmp_path))
+    code, out, err = run(capsys, "train", "--out", str(tmp_path / "run"), *argv)
+    assert code == 2
+    assert len(err.splitlines()) == 1 and message in err and "Traceback" not in err, err
+    assert err.startswith("nnbackprop")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda(capsys, tmp_path):
+    code, out, err = run(capsys, "train", "--device", "cuda", "--out", str(tmp_path))
+    assert code == 2 and "CUDA is not available" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("damage", [b"", b"garbage"])
+def test_evaluate_a_damaged_checkpoint(tmp_path, capsys, damage):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(damage)
+    code, out, err = run(capsys, "evaluate", str(path))
+    assert code == 2 and str(path) in err and "cannot read this checkpoint" in err and len(err.splitlines()) == 1
+
+
+def test_evaluate_a_missing_checkpoint(tmp_path, capsys):
+    code, out, err = run(capsys, "evaluate", str(tmp_path / "nope.pt"))
+    assert code == 2 and "nope.pt not found" in err
+
+
+def test_the_installed_command_reports_errors_without_a_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "nnbackprop", "train", "--batch-size", "0"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "nnbackprop train: error: argument --batch-size: must be >= 1, got 0\n"
+
+
+def test_resume_without_a_run(tmp_path, capsys):
+    code, out, err = run(capsys, "train", "--resume", "--out", str(tmp_path / "nothing"), "--device", "cpu")
+    assert code == 2 and "no run to resume" in err and len(err.splitlines()) == 1
