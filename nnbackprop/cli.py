@@ -1,4 +1,4 @@
-"""The command line: ``nnbackprop train``, ``nnbackprop evaluate`` and ``nnbackprop gradcheck``.
+"""The command line: ``nnbackprop train``, ``evaluate``, ``gradcheck`` and ``bench``.
 
 Every command exits non-zero with a one-line ``nnbackprop: error: ...`` message for bad arguments or input.
 """
@@ -10,6 +10,7 @@ import ast
 import dataclasses
 import math
 import re
+import runpy
 import sys
 from pathlib import Path
 from typing import IO, Any, Callable, NoReturn, Sequence
@@ -17,7 +18,7 @@ from typing import IO, Any, Callable, NoReturn, Sequence
 import torch
 
 from nnbackprop.data import DATASETS, DatasetNotFoundError, DataSplits
-from nnbackprop.distributed import cleanup, init_distributed
+from nnbackprop.distributed import DistributedError, cleanup, init_distributed
 from nnbackprop.layers import LINEAR_INITS
 from nnbackprop.lr_scheduler import SCHEDULES
 from nnbackprop.model import ACTIVATIONS
@@ -289,6 +290,19 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+BENCHMARKS = ("step", "epoch", "distributed")
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / f"{args.name}_benchmark.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"{script} not found: the benchmarks live in the source checkout "
+                                "(git clone, then pip install -e .)")
+    sys.argv = [str(script), *args.args]
+    runpy.run_path(str(script), run_name="__main__")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------------ parser
 
 
@@ -373,6 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the float64 finite-difference check")
     p.add_argument("-v", "--verbose", action="store_true", help="print every tensor of every check")
     p.set_defaults(func=cmd_gradcheck)
+
+    p = sub.add_parser("bench", help="run a benchmark script of the source checkout's benchmarks/ folder",
+                       description="Runs benchmarks/<name>_benchmark.py with the remaining arguments (see its --help).")
+    p.add_argument("name", choices=BENCHMARKS, help="step: training step vs eager autograd, torch.compile and the "
+                   "matmul floor; epoch: a whole Fashion-MNIST epoch vs its steps; distributed: 1 vs 2 processes")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the script")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
@@ -394,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"nnbackprop: error: {err}. Lower the learning rate (--lr) or add warm-up (--warmup-epochs)",
               file=sys.stderr)
         return 1
-    except (ValueError, ImportError, FileNotFoundError, FileExistsError) as err:
+    except (ValueError, ImportError, FileNotFoundError, FileExistsError, DistributedError) as err:
         print(f"nnbackprop: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -44,6 +44,11 @@ GradHook = Callable[[Tensor], None]
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
+class DistributedError(RuntimeError):
+    """A data-parallel run cannot start or go on: no such device, a process group that does not form, a rank that
+    died or stopped answering. The message names this rank, the world size and what to do."""
+
+
 @dataclass(frozen=True)
 class DistContext:
     """Where this process stands in a data-parallel run.
@@ -96,7 +101,7 @@ def _device(device_arg: str, local_rank: int, distributed: bool) -> torch.device
     if device.type == "cpu":
         return device
     if not torch.cuda.is_available():
-        raise RuntimeError(f"device '{device_arg}' was requested but CUDA is not available; use cpu")
+        raise DistributedError(f"device '{device_arg}' was requested but CUDA is not available; use cpu")
     if not distributed:
         return device
     if device.index is not None:
@@ -105,7 +110,7 @@ def _device(device_arg: str, local_rank: int, distributed: bool) -> torch.device
             "the GPUs with CUDA_VISIBLE_DEVICES"
         )
     if local_rank >= torch.cuda.device_count():
-        raise RuntimeError(
+        raise DistributedError(
             f"LOCAL_RANK {local_rank} needs GPU cuda:{local_rank} but only {torch.cuda.device_count()} are visible; "
             f"start at most {torch.cuda.device_count()} processes per node (torchrun --nproc_per_node)"
         )
@@ -142,9 +147,9 @@ def init_distributed(device_arg: str = "auto", timeout_s: float = DEFAULT_TIMEOU
     if world_size < 1 or not 0 <= rank < world_size or local_rank < 0:
         raise ValueError(f"invalid torchrun environment: RANK={rank}, WORLD_SIZE={world_size}, LOCAL_RANK={local_rank}")
     if not dist.is_available():
-        raise RuntimeError("this PyTorch build has no torch.distributed support; run one process, without torchrun")
+        raise DistributedError("this PyTorch build has no torch.distributed support; run one process, without torchrun")
     if dist.is_initialized():
-        raise RuntimeError("the torch.distributed process group is already initialised; call cleanup() first")
+        raise DistributedError("the torch.distributed process group is already initialised; call cleanup() first")
     device = _device(device_arg, local_rank, distributed=True)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl":
@@ -156,7 +161,7 @@ def init_distributed(device_arg: str = "auto", timeout_s: float = DEFAULT_TIMEOU
             device_id=device if backend == "nccl" else None,
         )
     except RuntimeError as err:
-        raise RuntimeError(
+        raise DistributedError(
             f"rank {rank} of {world_size}: the process group at {address} did not form within the {timeout_s:g} s "
             f"timeout: {_first_line(err)}. All {world_size} ranks must be started (torchrun) and reach the master "
             "address; look for an earlier error in the other ranks' output."
@@ -182,7 +187,7 @@ def _collective(ctx: DistContext, what: str) -> Iterator[None]:
     try:
         yield
     except RuntimeError as err:
-        raise RuntimeError(
+        raise DistributedError(
             f"rank {ctx.rank} of {ctx.world_size}: {what} failed: another rank exited or did not reach it within the "
             f"{ctx.timeout_s:g} s timeout ({_first_line(err)}). Look for the first error in the other ranks' output."
         ) from err
