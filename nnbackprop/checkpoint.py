@@ -1,4 +1,4 @@
-"""Files written atomically, and checkpoints: the whole state of a training run in one file, read back with clear errors.
+"""Atomic file writes, and checkpoints: the whole state of a training run in one file, read back with clear errors.
 
 A file is written to a temporary name in its destination directory, flushed and ``fsync``-ed, then renamed over the
 destination with ``os.replace``: a reader (or a run resumed after a crash) sees the old file or the new one, never half
@@ -29,7 +29,7 @@ CHECKPOINT_KEYS = ("config", "data", "epoch", "model", "best_model", "optimizer"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint cannot be used: unreadable, not a checkpoint, or not matching the run; the message names the file."""
+    """A checkpoint is unreadable, not a checkpoint, or does not match the run; the message names the file."""
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:

@@ -63,7 +63,8 @@ class ConsoleLogger(TrainCallback):
         self._print(f"model: MLP {widths} ({c.activation}{f', dropout {c.dropout}' if c.dropout else ''}"
                     f"{', batchnorm' if c.batchnorm else ''}), {info.num_parameters:,} parameters, loss {c.loss}, "
                     f"{info.device} {c.dtype}, {info.step}")
-        warmup = f" after {c.warmup_epochs:g} warm-up epochs" if c.warmup_epochs else ""
+        plural = "" if c.warmup_epochs == 1 else "s"
+        warmup = f" after {c.warmup_epochs:g} warm-up epoch{plural}" if c.warmup_epochs else ""
         augment = ", augmentation: " + " and ".join([f"shifts of up to {c.shift} px"] * bool(c.shift) +
                                                     ["flips"] * c.flip) if c.shift or c.flip else ""
         self._print(f"optimizer: SGD lr {c.lr:g} momentum {c.momentum:g}{' (Nesterov)' if c.nesterov else ''} weight "
@@ -127,7 +128,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     header = list(rows[0])
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines += ["  ".join(c.ljust(w) if isinstance(v, str) else c.rjust(w) for c, w, v in zip(row, widths, values))
+              for row, values in zip(cells, (r.values() for r in rows))]
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""``nnbackprop train`` and ``nnbackprop evaluate`` on small generated idx files; bad arguments give one line, exit 2."""
+"""``nnbackprop train`` and ``evaluate`` on small generated idx files; bad arguments give one line and exit 2."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 from datagen import write_fake_mnist
 
-from nnbackprop.cli import main
+from nnbackprop.cli import main, parse_overrides
+from nnbackprop.train import TrainConfig
 
 SMALL = ["--hidden", "16", "--batch-size", "50", "--val-size", "50", "--device", "cpu", "--quiet"]
 
@@ -140,3 +141,14 @@ def test_the_installed_command_reports_errors_without_a_traceback(tmp_path):
 def test_resume_without_a_run(tmp_path, capsys):
     code, out, err = run(capsys, "train", "--resume", "--out", str(tmp_path / "nothing"), "--device", "cpu")
     assert code == 2 and "no run to resume" in err and len(err.splitlines()) == 1
+
+
+def test_experiment_overrides():
+    config = parse_overrides(TrainConfig(), ["epochs=3", "hidden=1024,1024", "dataset=imagefolder:/a/b",
+                                             "patience=None", "flip=True", "lr=1e-2", "data_dir=~/data"])
+    assert (config.epochs, config.hidden, config.dataset, config.patience, config.flip, config.lr, config.data_dir) == \
+        (3, (1024, 1024), "imagefolder:/a/b", None, True, 0.01, "~/data")
+    assert parse_overrides(TrainConfig(), ["hidden=64"]).hidden == (64,)
+    for bad, message in (["epoch=3"], "key one of dataset"), (["lr=-1"], "lr must be"), (["3"], "key=value"):
+        with pytest.raises(SystemExit, match=message):
+            parse_overrides(TrainConfig(), bad)

@@ -242,7 +242,7 @@ def test_early_stopping_needs_a_validation_split():
 
 
 def test_divergence_stops_with_the_epoch_and_steps_and_keeps_the_last_good_checkpoint(tmp_path):
-    # The lr is multiplied by 1e4 after every epoch (a "step" schedule with gamma > 1): epoch 1 is fine, then it blows up.
+    # The lr grows 1e4-fold after every epoch (a "step" schedule with gamma > 1): epoch 1 is fine, then it blows up.
     config = BASE.replace(epochs=5, schedule="step", step_epochs=1, gamma=1e4, momentum=0.0, lr=0.01)
     with pytest.raises(NonFiniteLossError) as info:
         train(config, toy_data(), out_dir=tmp_path)
