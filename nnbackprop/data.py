@@ -332,8 +332,8 @@ def _download(spec: _Builtin, root: Path) -> None:
     try:
         spec.download(root)
     except Exception as error:  # torchvision raises URLError, RuntimeError, OSError, ... for a failed download
-        raise RuntimeError(f"downloading {spec.title} into {root / spec.subdir} failed ({error}); check the network, "
-                           "or fetch the files yourself and pass --data-dir DIR") from error
+        raise DatasetNotFoundError(f"downloading {spec.title} into {root / spec.subdir} failed ({error}); check the "
+                                   "network, or fetch the files yourself and pass --data-dir DIR") from error
 
 
 # --- splits and statistics -----------------------------------------------------------------------------------------
