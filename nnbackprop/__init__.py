@@ -10,11 +10,12 @@ from nnbackprop.layers import GELU, BatchNorm1d, Dropout, Flatten, LeakyReLU, Li
 from nnbackprop.losses import BCEWithLogitsLoss, CrossEntropyLoss, Loss, MSELoss
 from nnbackprop.model import Sequential, mlp, to_torch
 from nnbackprop.module import Module, Parameter
+from nnbackprop.optim import SGD
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BCEWithLogitsLoss", "BatchNorm1d", "CrossEntropyLoss", "Dropout", "Flatten", "GELU", "GradCheckReport",
-    "LeakyReLU", "Linear", "Loss", "MSELoss", "Module", "Parameter", "ReLU", "Sequential", "Sigmoid", "Tanh",
+    "LeakyReLU", "Linear", "Loss", "MSELoss", "Module", "Parameter", "ReLU", "SGD", "Sequential", "Sigmoid", "Tanh",
     "check_gradients", "check_gradients_fd", "mlp", "to_torch",
 ]
