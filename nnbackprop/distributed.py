@@ -88,23 +88,29 @@ def _env_int(name: str) -> int:
         raise ValueError(f"environment variable {name}={value!r} must be an integer; launch with torchrun") from None
 
 
-def _device(device_arg: str, local_rank: int, distributed: bool) -> torch.device:
-    """``auto`` is CUDA when available, else CPU; a distributed CUDA rank uses ``cuda:local_rank``."""
-    if device_arg == "auto":
-        device_arg = "cuda" if torch.cuda.is_available() else "cpu"
+def resolve_device(name: str) -> torch.device:
+    """``auto`` is CUDA when available, else the CPU; asking for CUDA without it is a ``ValueError``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(device_arg)
+        device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"unknown device '{device_arg}': use auto, cpu or cuda") from None
+        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device '{device_arg}' is not supported for training: use auto, cpu or cuda")
-    if device.type == "cpu":
+        raise ValueError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} was requested but CUDA is not available on this machine; use cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
+    return device
+
+
+def _device(device_arg: str, local_rank: int, distributed: bool) -> torch.device:
+    """:func:`resolve_device`, except that a distributed CUDA rank uses ``cuda:local_rank``."""
+    device = resolve_device(device_arg)
+    if device.type == "cpu" or not distributed:
         return device
-    if not torch.cuda.is_available():
-        raise DistributedError(f"device '{device_arg}' was requested but CUDA is not available; use cpu")
-    if not distributed:
-        return device
-    if device.index is not None:
+    if device_arg not in ("auto", "cuda"):
         raise ValueError(
             f"device '{device_arg}': under torchrun each rank uses cuda:LOCAL_RANK; pass 'cuda' (or 'auto') and choose "
             "the GPUs with CUDA_VISIBLE_DEVICES"

@@ -40,7 +40,7 @@ from nnbackprop.augment import augment_batch
 from nnbackprop.checkpoint import CheckpointError, atomic_write, load_checkpoint, save_checkpoint
 from nnbackprop.data import DataSplits, Loader, SplitData, load_dataset, make_loader
 from nnbackprop.distributed import (DistContext, all_reduce_mean_hook, broadcast_module, gather_objects,
-                                    local_batch_size, rank_seed, reduce_metrics)
+                                    local_batch_size, rank_seed, reduce_metrics, resolve_device)
 from nnbackprop.fast import FastStep
 from nnbackprop.layers import LINEAR_INITS, Dropout
 from nnbackprop.losses import BCEWithLogitsLoss, CrossEntropyLoss, Loss, MSELoss
@@ -170,23 +170,6 @@ class TrainConfig:
     def replace(self, **changes: Any) -> "TrainConfig":
         """A copy with some settings changed (and checked again)."""
         return dataclasses.replace(self, **changes)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else the CPU; asking for CUDA without it is a ``ValueError``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was requested but CUDA is not available on this machine; use cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
-    return device
 
 
 def build_model(config: TrainConfig, input_shape: tuple[int, ...], num_classes: int,
@@ -549,7 +532,7 @@ def train(config: TrainConfig, data: DataSplits | None = None, *, out_dir: str |
                                          steps_per_epoch, checkpoint_path, len(history))
             early.update(epoch, val_loss, model)
         history.append(EpochMetrics(epoch, loss, accuracy, val_loss, val_accuracy, lr,
-                                    time.perf_counter() - epoch_start, train_loader.num_samples / train_seconds))
+                                    time.perf_counter() - epoch_start, train_loader.num_samples * dist.world_size / train_seconds))
         generators = gather_objects(dist, generator.get_state()) if out is not None else []
         if writes:
             elapsed = elapsed_before + time.perf_counter() - started

@@ -267,7 +267,7 @@ def test_bad_device(no_torchrun_env: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="unknown device"):
         init_distributed("gpu")
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="CUDA is not available"):
+        with pytest.raises(ValueError, match="CUDA is not available"):
             init_distributed("cuda")
 
 
