@@ -563,7 +563,23 @@ class ShardedBatchSampler(Sampler[list[int]]):
         return len(self.bounds)
 
 
-class DeviceLoader:
+class _SampledLoader:
+    """What both loaders share: the :class:`ShardedBatchSampler` that orders, batches and shards each epoch."""
+
+    sampler: ShardedBatchSampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    @property
+    def num_samples(self) -> int:
+        return self.sampler.num_samples
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+class DeviceLoader(_SampledLoader):
     """Mini-batches of an in-memory split, kept on ``device`` as normalised floats.
 
     On construction the ``uint8`` images are moved to ``device`` and normalised once (:func:`normalize`); iterating
@@ -588,16 +604,6 @@ class DeviceLoader:
         self.images = normalize(data.images.to(self.device), self.mean, self.std, dtype)  # (N, C, H, W)
         self.labels = data.labels.to(self.device)  # (N,)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    @property
-    def num_samples(self) -> int:
-        return self.sampler.num_samples
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         order = self.sampler.order().to(self.device)
         for start, stop in self.sampler.bounds:
@@ -605,7 +611,7 @@ class DeviceLoader:
             yield self.images.index_select(0, index), self.labels.index_select(0, index)
 
 
-class StreamingLoader:
+class StreamingLoader(_SampledLoader):
     """Mini-batches of an :class:`ImageFolderData`, decoded by ``DataLoader`` workers and normalised on ``device``.
 
     Same interface and batch order as :class:`DeviceLoader`: workers read and resize the images of each batch of the
@@ -625,16 +631,6 @@ class StreamingLoader:
         num_workers = _default_num_workers() if num_workers is None else num_workers
         self.loader = DataLoader(data, batch_sampler=self.sampler, num_workers=num_workers,
                                  pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    @property
-    def num_samples(self) -> int:
-        return self.sampler.num_samples
-
-    def __len__(self) -> int:
-        return len(self.sampler)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         for images, labels in self.loader:  # (B, 3, S, S) uint8, (B,) int64
