@@ -24,12 +24,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import Tensor
 
-from nnbackprop import CrossEntropyLoss, Loss, Module, mlp
+from nnbackprop import CrossEntropyLoss, make_step, mlp
 from nnbackprop.distributed import all_reduce_mean_hook, broadcast_module, cleanup, init_distributed, local_batch_size
 from nnbackprop.optim import SGD
 
@@ -42,27 +41,6 @@ TIMED_STEPS = 30
 LR, MOMENTUM = 0.01, 0.9
 TIMEOUT_S = 120.0  # process-group timeout, and the longest wait for one configuration
 OUT = "results/distributed_benchmark.json"
-
-
-def make_step(model: Module, loss_fn: Loss, optimizer: SGD, grad_hook: Callable[[Tensor], None] | None) -> Callable:
-    """The training step of the step protocol: ``step(x, y) -> (loss_sum, n_correct)``, grads through ``grad_hook``."""
-    params = list(model.parameters())
-    sizes = [p.data.numel() for p in params]
-
-    def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        optimizer.zero_grad()
-        logits = model(x)
-        loss = loss_fn(logits, y)
-        model.backward(loss_fn.backward())
-        flat_grads = torch.cat([p.grad.reshape(-1) for p in params])  # (P,)
-        if grad_hook is not None:
-            grad_hook(flat_grads)
-        for p, dp in zip(params, flat_grads.split(sizes)):
-            p.grad = dp.view_as(p.data)
-        optimizer.step()
-        return loss.detach() * len(y), (logits.argmax(1) == y).sum()
-
-    return step
 
 
 def worker(global_batch: int, threads: int, steps: int, result: Path) -> None:
@@ -86,7 +64,7 @@ def worker(global_batch: int, threads: int, steps: int, result: Path) -> None:
             hook_s += time.perf_counter() - start
 
         step = make_step(model, CrossEntropyLoss(), SGD(model.parameters(), lr=LR, momentum=MOMENTUM),
-                         timed_hook if hook is not None else None)
+                         grad_hook=timed_hook if hook is not None else None)  # the step nnbackprop.train uses
         for i in range(WARMUP_STEPS):
             step(*batches[i % len(batches)])
         hook_s = 0.0

@@ -22,13 +22,14 @@ from pathlib import Path
 
 import torch
 
-from nnbackprop.bench import machine_info
-from nnbackprop.checkpoint import atomic_write
-from nnbackprop.data import load_dataset, make_loader
-from nnbackprop.fast import FastStep
+from harness import machine_info
+from nnbackprop.datasets import load_dataset
+from nnbackprop.files import atomic_write
+from nnbackprop.loaders import make_loader
 from nnbackprop.losses import CrossEntropyLoss
 from nnbackprop.model import mlp
 from nnbackprop.optim import SGD
+from nnbackprop.step import FastStep
 
 # ---------------------------------------------------------------------------------------------------- configuration
 DATASET = "fashion-mnist"

@@ -29,14 +29,14 @@ from pathlib import Path
 
 import torch
 
-from nnbackprop.bench import benchmark_model, machine_info, parse_sizes
+from harness import benchmark_model, machine_info, parse_sizes
 from nnbackprop.checkpoint import atomic_write
 
 # ---------------------------------------------------------------------------------------------------- configuration
 MODELS = ["784-512-512-10", "784-1024-1024-1024-10"]
 BATCH_SIZES = [32, 128, 512, 2048]
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = ["float32", "bfloat16"] if DEVICE == "cuda" else ["float32"]  # bfloat16: bf16 compute, float32 master
+DTYPES = ["float32"]
 STEPS = 20  # timed steps per measurement (the median is reported)
 WARMUP = 3  # untimed steps before them
 OUT = "results/step_benchmark.json"
@@ -66,7 +66,7 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--models", nargs="+", default=MODELS, help="layer sizes joined by '-'")
 parser.add_argument("--batch-sizes", nargs="+", type=int, default=BATCH_SIZES)
 parser.add_argument("--device", default=DEVICE)
-parser.add_argument("--dtype", nargs="+", default=DTYPES, choices=["float32", "float64", "bfloat16"])
+parser.add_argument("--dtype", nargs="+", default=DTYPES, choices=["float32", "float64"])
 parser.add_argument("--steps", type=int, default=STEPS, help="timed steps per measurement (>= 1; 20+ for results)")
 parser.add_argument("--warmup", type=int, default=WARMUP)
 parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")

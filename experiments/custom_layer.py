@@ -22,11 +22,11 @@ class Swish(Module):
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         s = torch.sigmoid(x)
-        self._save_for_backward(x, s)
+        self.save_for_backward(x, s)
         return x * s
 
     def backward(self, dout: Tensor) -> Tensor:
-        x, s = self._pop_cache()
+        x, s = self.saved_tensors
         return dout * (s + x * s * (1 - s))
 
 
@@ -34,7 +34,7 @@ class BrokenSwish(Swish):
     """Forgets the ``x · σ'(x)`` term of the product rule."""
 
     def backward(self, dout: Tensor) -> Tensor:
-        x, s = self._pop_cache()
+        x, s = self.saved_tensors
         return dout * s
 
 
@@ -55,11 +55,11 @@ class LayerNorm(Module):
         self.check_input(x, ndim=2, features=self.features)
         rstd = torch.rsqrt(x.var(1, unbiased=False, keepdim=True) + self.eps)  # (N, 1)
         xhat = (x - x.mean(1, keepdim=True)) * rstd  # (N, D)
-        self._save_for_backward(xhat, rstd)
+        self.save_for_backward(xhat, rstd)
         return xhat * self.weight.data + self.bias.data
 
     def backward(self, dout: Tensor) -> Tensor:
-        xhat, rstd = self._pop_cache()
+        xhat, rstd = self.saved_tensors
         self.weight.accumulate((dout * xhat).sum(0))
         self.bias.accumulate(dout.sum(0))
         dxhat = dout * self.weight.data

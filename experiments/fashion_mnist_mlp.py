@@ -25,7 +25,7 @@ within 30 epochs they keep it from fitting the training set (91% training accura
 less and batch normalisation makes the most of the budget.
 
     python experiments/fashion_mnist_mlp.py                     # the full run
-    python experiments/fashion_mnist_mlp.py epochs=3 device=cpu  # any setting of TrainConfig as key=value
+    python experiments/fashion_mnist_mlp.py --epochs 3 --device cpu  # any setting as an option (see --help)
 
 Writes results/fashion_mnist_mlp/: checkpoint.pt, metrics.jsonl, summary.json, and loss.png / accuracy.png when
 matplotlib is installed.
@@ -34,8 +34,9 @@ matplotlib is installed.
 import sys
 from pathlib import Path
 
-from nnbackprop.cli import format_table, parse_overrides, result_row, run_experiment
-from nnbackprop.train import TrainConfig
+from nnbackprop.config import TrainConfig, parse_config
+from nnbackprop.console import format_table
+from nnbackprop.experiment import result_row, run_experiment
 
 # ---------------------------------------------------------------------------------------------------- configuration
 config = TrainConfig(
@@ -57,7 +58,7 @@ config = TrainConfig(
 )
 out_dir = Path("results/fashion_mnist_mlp")
 # ------------------------------------------------------------------------------------------------------------------
-config = parse_overrides(config, sys.argv[1:])
+config = parse_config(sys.argv[1:], config, __doc__)
 
 result = run_experiment(config, out_dir)
 

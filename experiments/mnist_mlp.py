@@ -3,10 +3,10 @@
 The classic result for a plain MLP is about 98.4% test accuracy (784-800-800-10); with dropout and random shifts of up
 to 2 pixels it goes past 98.5%. Digits are not mirrored (a mirrored 2 is no longer a 2), so there are no flips here.
 
-MNIST is not bundled: pass data_dir=DIR (a directory holding the four idx files, gzipped or not) or download=True.
+MNIST is not bundled: pass --data-dir DIR (a directory holding the four idx files, gzipped or not) or --download.
 
-    python experiments/mnist_mlp.py download=True
-    python experiments/mnist_mlp.py data_dir=~/data/mnist epochs=3
+    python experiments/mnist_mlp.py --download
+    python experiments/mnist_mlp.py --data-dir ~/data/mnist --epochs 3
 
 Writes results/mnist_mlp/: checkpoint.pt, metrics.jsonl, summary.json, and loss.png / accuracy.png when matplotlib is
 installed.
@@ -15,8 +15,9 @@ installed.
 import sys
 from pathlib import Path
 
-from nnbackprop.cli import format_table, parse_overrides, result_row, run_experiment
-from nnbackprop.train import TrainConfig
+from nnbackprop.config import TrainConfig, parse_config
+from nnbackprop.console import format_table
+from nnbackprop.experiment import result_row, run_experiment
 
 # ---------------------------------------------------------------------------------------------------- configuration
 config = TrainConfig(
@@ -37,7 +38,7 @@ config = TrainConfig(
 )
 out_dir = Path("results/mnist_mlp")
 # ------------------------------------------------------------------------------------------------------------------
-config = parse_overrides(config, sys.argv[1:])
+config = parse_config(sys.argv[1:], config, __doc__)
 
 result = run_experiment(config, out_dir)
 

@@ -24,18 +24,19 @@ than one exact one, and momentum goes further still. The printed table and resul
 loss_curves.png (with matplotlib) show it for your run.
 
     python experiments/optimizer_comparison.py
-    python experiments/optimizer_comparison.py epochs=40 lr=0.02   # any setting of TrainConfig as key=value
+    python experiments/optimizer_comparison.py --epochs 40 --lr 0.02   # any setting as an option (see --help)
 """
 
 import json
 import sys
 from pathlib import Path
 
-from nnbackprop.checkpoint import atomic_write
-from nnbackprop.cli import format_table, parse_overrides, result_row, run_experiment
-from nnbackprop.data import DatasetNotFoundError, load_dataset
+from nnbackprop.config import TrainConfig, parse_config
+from nnbackprop.console import fail, format_table
+from nnbackprop.datasets import DatasetNotFoundError, load_dataset
+from nnbackprop.experiment import result_row, run_experiment
+from nnbackprop.files import write_text
 from nnbackprop.plot import plot_curves
-from nnbackprop.train import TrainConfig
 
 # ---------------------------------------------------------------------------------------------------- configuration
 base = TrainConfig(
@@ -56,12 +57,12 @@ runs = {  # name: what differs from base; None is the whole training split
 }
 out_dir = Path("results/optimizer_comparison")
 # ------------------------------------------------------------------------------------------------------------------
-base = parse_overrides(base, sys.argv[1:])
+base = parse_config(sys.argv[1:], base, __doc__)
 
 try:
     data = load_dataset(base.dataset, base.data_dir, base.download, base.val_size, base.seed, base.image_size)
 except DatasetNotFoundError as error:
-    sys.exit(f"error: {error}")
+    fail(error)
 
 results, rows = {}, []
 for name, changes in runs.items():
@@ -73,7 +74,7 @@ for name, changes in runs.items():
     rows.append({**result_row(name, results[name]), "updates": results[name].history[-1].epoch * steps_per_epoch})
 
 out_dir.mkdir(parents=True, exist_ok=True)
-atomic_write(out_dir / "summary.json", lambda f: f.write(json.dumps(rows, indent=2).encode()))
+write_text(out_dir / "summary.json", json.dumps(rows, indent=2))
 try:
     curves = {name: ([m.epoch for m in r.history], [m.train_loss for m in r.history]) for name, r in results.items()}
     plot_curves(curves, out_dir / "loss_curves.png", title=f"Training loss, {len(data.train)} Fashion-MNIST images",

@@ -33,10 +33,10 @@ for name, grad in result.grads.items():
     print(f"  ∂E/∂{name:<9} {[round(v, 6) for v in grad.flatten().tolist()]}")
 
 print("\nwhy the last columns differ:")
-print(f"  - The article rounds H1 to 0.538 and Y1 to 0.63368 before multiplying, which gives E = 0.184972 and")
+print("  - The article rounds H1 to 0.538 and Y1 to 0.63368 before multiplying, which gives E = 0.184972 and")
 print(f"    ∂E/∂w5 = 0.58368 · 0.23213 · 0.538 = 0.07289; carried at full precision they are {result.E:.6f} and "
       f"{result.dE_dw5:.6f}.")
-print(f"  - The article updates w5 + α·∂E/∂w5 = 0.1807289, a step *up* the error. Gradient descent steps down:")
+print("  - The article updates w5 + α·∂E/∂w5 = 0.1807289, a step *up* the error. Gradient descent steps down:")
 print(f"    w5 − α·∂E/∂w5 = 0.18 − {LEARNING_RATE} · {result.dE_dw5:.6f} = {result.w5_after:.6f}.")
 
 net = seed_network()

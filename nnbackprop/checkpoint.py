@@ -1,76 +1,73 @@
-"""Atomic file writes, and checkpoints: the whole state of a training run in one file, read back with clear errors.
+"""Checkpoints: the whole state of a training run in one file, written atomically, read back verified.
 
-A file is written to a temporary name in its destination directory, flushed and ``fsync``-ed, then renamed over the
-destination with ``os.replace``: a reader (or a run resumed after a crash) sees the old file or the new one, never half
-of one.
+A checkpoint is a dict (:data:`CHECKPOINT_KEYS`): ``config`` (the run's settings), ``data`` (what the model was trained
+on: classes, input shape, normalisation), ``epoch`` (epochs finished), ``model`` and ``best_model`` (state dicts: current
+weights, lowest-validation-loss weights), ``optimizer`` and ``scheduler`` (torch's state dicts), ``early_stopping``,
+``rng`` (random generator states), ``history`` (per-epoch metrics) and ``run`` (device, ranks, threads, elapsed time,
+where the model came from).
 
-A checkpoint is a ``dict`` saved with ``torch.save`` and read with ``torch.load(weights_only=True)``, so it holds only
-tensors, numbers, strings and containers of them, and loading it never runs code from the file. Its keys
-(:data:`CHECKPOINT_KEYS`): ``config`` (the run's settings), ``data`` (what the model was trained on), ``epoch`` (epochs
-finished), ``model`` and ``best_model`` (state dicts: current weights, lowest-validation-loss weights), ``optimizer``,
-``scheduler``, ``early_stopping``, ``rng`` (random generator states), ``history`` (per-epoch metrics) and ``run``
-(device and elapsed time), plus ``format`` and ``version``.
+On disk it is ``torch.save`` of ``{format, version, sha256, payload}``, the payload being the dict serialised by
+``torch.save``, and the SHA-256 of those bytes. :func:`load_checkpoint` reads with ``torch.load(weights_only=True)``
+(so a file never runs code), recomputes the hash (so a flipped byte anywhere in the weights is caught, not trained on)
+and checks the structure (so a field of the wrong type is a one-line error, not a traceback later). Every failure is a
+:class:`CheckpointError` naming the file.
 """
 
 from __future__ import annotations
 
-import os
+import hashlib
+import io
 import re
-import tempfile
 from pathlib import Path
-from typing import IO, Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
+from torch import Tensor
+
+from nnbackprop.config import TrainConfig
+from nnbackprop.files import atomic_write
+from nnbackprop.metrics import EpochMetrics
 
 FORMAT = "nnbackprop-checkpoint"
-VERSION = 1
+VERSION = 2
+CHECKPOINT_FILE = "checkpoint.pt"
 CHECKPOINT_KEYS = ("config", "data", "epoch", "model", "best_model", "optimizer", "scheduler", "early_stopping", "rng",
                    "history", "run")
 
 
 class CheckpointError(ValueError):
-    """A checkpoint is unreadable, not a checkpoint, or does not match the run; the message names the file."""
+    """A checkpoint is unreadable, corrupt, not a checkpoint, or does not match the run; the message names the file."""
 
 
-def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Create or replace ``path`` with what ``write(file)`` writes into a binary file object, atomically.
-
-    If ``write`` raises, ``path`` keeps its previous content (if any), the temporary file is removed and the error
-    propagates.
-    """
+def resolve_checkpoint(path: str | Path) -> Path:
+    """``path``, or ``path/checkpoint.pt`` for a run folder. Raises ``FileNotFoundError`` saying what is missing."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
+    if path.is_dir():
+        if (path / CHECKPOINT_FILE).is_file():
+            return path / CHECKPOINT_FILE
+        raise FileNotFoundError(f"{path} is a folder without a {CHECKPOINT_FILE}; pass a run folder or its checkpoint")
+    if not path.is_file():
+        where = "" if path.parent.is_dir() else f" (no folder {path.parent})"
+        raise FileNotFoundError(f"checkpoint {path} not found{where}")
+    return path
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def save_checkpoint(path: str | Path, checkpoint: Mapping[str, Any]) -> None:
+    """Write ``checkpoint`` (a dict with the keys :data:`CHECKPOINT_KEYS`) to ``path`` atomically, with its hash.
 
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    Raises:
+        ValueError: keys are missing. :class:`~nnbackprop.files.WriteError`: the file could not be written (the
+            previous checkpoint is intact).
+    """
+    missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint]
+    if missing:
+        raise ValueError(f"save_checkpoint: the checkpoint lacks {missing}")
+    buffer = io.BytesIO()
+    torch.save(dict(checkpoint), buffer)
+    payload = buffer.getvalue()
+    record = {"format": FORMAT, "version": VERSION, "sha256": hashlib.sha256(payload).hexdigest(),
+              "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
+    atomic_write(path, lambda file: torch.save(record, file))
 
 
 def _reason(error: Exception) -> str:
@@ -81,38 +78,116 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {detail}" if detail else type(error).__name__
 
 
-def save_checkpoint(path: str | Path, checkpoint: Mapping[str, Any]) -> None:
-    """Write ``checkpoint`` (a dict with the keys :data:`CHECKPOINT_KEYS`) to ``path`` atomically."""
-    missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint]
-    if missing:
-        raise ValueError(f"save_checkpoint: the checkpoint lacks {missing}")
-    atomic_write(path, lambda file: torch.save({"format": FORMAT, "version": VERSION, **checkpoint}, file))
+def _read(source: Any, path: Path) -> Any:
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncation, garbage and forbidden pickles surface as many exception types
+        raise CheckpointError(f"{path}: cannot read this checkpoint ({_reason(error)}); the file is truncated, corrupt "
+                              "or not a checkpoint. Use another one, or start a new run") from error
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint`, with every tensor on the CPU.
+    """Read and verify a checkpoint written by :func:`save_checkpoint` (or the run folder holding it), with every
+    tensor on the CPU.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        CheckpointError: the file is truncated or corrupt, holds something other than an nnbackprop checkpoint, or was
-            written by an incompatible version; the message names the file.
+        CheckpointError: the file is truncated or corrupt (its hash does not match), holds something other than an
+            nnbackprop checkpoint, was written by an incompatible version, or has a field of the wrong type or shape.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found" + ("" if path.parent.is_dir() else
-                                                                   f" (no directory {path.parent})"))
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # truncation, garbage and forbidden pickles surface as many exception types
-        raise CheckpointError(f"{path}: cannot read this checkpoint ({_reason(error)}); the file is "
-                              "truncated, corrupt or not a checkpoint. Use another one, or start a new run") from error
-    if not isinstance(checkpoint, dict) or checkpoint.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: not an nnbackprop checkpoint (it holds a {type(checkpoint).__name__} without "
+    path = resolve_checkpoint(path)
+    record = _read(path, path)
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an nnbackprop checkpoint (it holds a {type(record).__name__} without "
                               f"format={FORMAT!r}); pass a checkpoint.pt written by nnbackprop train")
-    if checkpoint.get("version") != VERSION:
-        raise CheckpointError(f"{path}: checkpoint format version {checkpoint.get('version')!r}, this nnbackprop reads "
-                              f"version {VERSION}")
+    if record.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint format version {record.get('version')!r}; this nnbackprop reads "
+                              f"version {VERSION} (train again to get one)")
+    payload, digest = record.get("payload"), record.get("sha256")
+    if not isinstance(payload, Tensor) or payload.dtype != torch.uint8 or not isinstance(digest, str):
+        raise CheckpointError(f"{path}: damaged checkpoint (no payload or hash); use another one, or start a new run")
+    data = payload.numpy().tobytes()
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise CheckpointError(f"{path}: the checkpoint is corrupt (its SHA-256 does not match the one stored at "
+                              "writing); it was damaged on disk or in a copy. Use another one, or start a new run")
+    checkpoint = _read(io.BytesIO(data), path)
+    problem = _structure_problem(checkpoint)
+    if problem:
+        raise CheckpointError(f"{path}: damaged checkpoint: {problem}")
+    return checkpoint
+
+
+# ---------------------------------------------------------------------------------------------------------- structure
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _tensor_dict(value: Any) -> bool:
+    return isinstance(value, dict) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in value.items())
+
+
+_SHAPES: dict[str, tuple[type | tuple[type, ...], Any]] = {
+    "config": (dict, None),
+    "data": (dict, lambda d: (isinstance(d.get("classes"), list) and all(isinstance(c, str) for c in d["classes"])
+                              and isinstance(d.get("input_shape"), list) and len(d["input_shape"]) == 3
+                              and all(_is_int(s) and s > 0 for s in d["input_shape"])
+                              and all(isinstance(d.get(k), list) and len(d[k]) == d["input_shape"][0]
+                                      and all(_is_number(v) for v in d[k]) for k in ("mean", "std"))
+                              and isinstance(d.get("name"), str))),
+    "epoch": (int, lambda e: _is_int(e) and e >= 0),
+    "model": (dict, _tensor_dict),
+    "best_model": ((dict, type(None)), lambda m: m is None or _tensor_dict(m)),
+    "optimizer": (dict, lambda o: isinstance(o.get("state"), dict) and isinstance(o.get("param_groups"), list)),
+    "scheduler": (dict, None),
+    "early_stopping": (dict, lambda e: _is_number(e.get("best_loss")) and _is_int(e.get("bad_epochs"))
+                       and (e.get("best_epoch") is None or _is_int(e.get("best_epoch")))),
+    "rng": (dict, lambda r: isinstance(r.get("torch"), Tensor) and isinstance(r.get("generators"), list)
+            and all(isinstance(g, Tensor) for g in r["generators"])),
+    "history": (list, None),
+    "run": (dict, lambda r: isinstance(r.get("device"), str) and _is_int(r.get("world_size"))
+            and _is_number(r.get("elapsed_s"))),
+}
+
+
+def _structure_problem(checkpoint: Any) -> str | None:
+    """What is wrong with the structure of a loaded checkpoint, or ``None``."""
+    if not isinstance(checkpoint, dict):
+        return f"it holds a {type(checkpoint).__name__}, not a dict"
     missing = [k for k in CHECKPOINT_KEYS if k not in checkpoint]
     if missing:
-        raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
-    return checkpoint
+        return f"fields {', '.join(missing)} are missing"
+    for key, (kind, check) in _SHAPES.items():
+        value = checkpoint[key]
+        if not isinstance(value, kind) or isinstance(value, bool) or (check is not None and not check(value)):
+            shown = type(value).__name__ if not isinstance(value, (int, float, str, type(None))) else repr(value)
+            return f"its {key} is malformed ({shown})"
+    for i, entry in enumerate(checkpoint["history"]):
+        problem = EpochMetrics.problem(entry)
+        if problem:
+            return f"history entry {i + 1} is malformed: {problem}"
+    if len(checkpoint["history"]) != checkpoint["epoch"]:
+        return f"its history has {len(checkpoint['history'])} epochs but it claims {checkpoint['epoch']}"
+    return None
+
+
+def saved_config(checkpoint: Mapping[str, Any], path: Path) -> TrainConfig:
+    """The :class:`~nnbackprop.config.TrainConfig` a checkpoint was written with."""
+    try:
+        return TrainConfig.from_mapping(checkpoint["config"], source=f"{path}: its configuration")
+    except ValueError as error:
+        raise CheckpointError(f"{error} (written by another version of nnbackprop?)") from error
+
+
+def load_into(target: Any, state: Any, path: Path, what: str) -> None:
+    """``target.load_state_dict(state)``, its failures reported as the checkpoint's."""
+    try:
+        target.load_state_dict(state)
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as error:
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"{path}: its {what} do not fit this run ({detail})") from error

@@ -127,12 +127,13 @@ def check_gradients(
         A :class:`GradCheckReport` with rows ``output`` (or ``loss``), ``input`` and one per parameter.
     """
     tol = _tolerance(x.dtype, rtol)
-    report = GradCheckReport(subject or module._name(), x.dtype, x.device)
+    report = GradCheckReport(subject or module.name, x.dtype, x.device)
+    module._release_saved()  # the check's own forward and backward go together, whatever ran before
     x = x.detach()
     x_ref = x.clone().requires_grad_(True)
     if isinstance(module, Loss):
         if target is None:
-            raise ValueError(f"check_gradients({module._name()}): a loss needs a target")
+            raise ValueError(f"check_gradients({module.name}): a loss needs a target")
         out = module(x, target)
         with torch.enable_grad():
             ref_out = module.reference_forward(x_ref, target)
@@ -144,13 +145,18 @@ def check_gradients(
 
     module.zero_grad()
     named = list(module.named_parameters())
-    params = {name: p.data.detach().clone().requires_grad_(True) for name, p in named}
-    out = module(x)
-    with torch.enable_grad():
-        ref_out = module.reference_forward(x_ref, params)
-    if dout is None:
-        dout = torch.randn(out.shape, generator=generator, dtype=out.dtype, device="cpu").to(out.device)
-    dx = module.backward(dout)
+    params = {name: p.detach().clone().requires_grad_(True) for name, p in named}
+    needs_input_grad = module.needs_input_grad
+    module.needs_input_grad = True
+    try:
+        out = module(x)
+        with torch.enable_grad():
+            ref_out = module.reference_forward(x_ref, params)
+        if dout is None:
+            dout = torch.randn(out.shape, generator=generator, dtype=out.dtype, device="cpu").to(out.device)
+        dx = module.backward(dout)
+    finally:
+        module.needs_input_grad = needs_input_grad
     ref_grads = torch.autograd.grad(ref_out, [x_ref, *params.values()], dout, allow_unused=True)
     report.checks.append(compare("output", out, ref_out, tol))
     ours = [("input", dx), *((name, p.grad) for name, p in named)]
@@ -207,21 +213,27 @@ def check_gradients_fd(module: Module, x: Tensor, target: Tensor | None = None, 
         for g, state in zip(generators, rng_states):
             g.set_state(state)
         saved = [p.data for _, p in named]
+        needs_input_grad = module.needs_input_grad
         try:
             for (_, p), v in zip(named, values):
                 p.data = v
             module.zero_grad()
-            out = module(xv, target) if isinstance(module, Loss) else module(xv)
-            if dout is None:
-                return out, ()
-            dx = module.backward(dout)
-            return out, (dx, *(p.grad if p.grad is not None else torch.zeros_like(p.data) for _, p in named))
+            module.needs_input_grad = True
+            with torch.enable_grad():  # autograd.Function.forward runs without; nnbackprop's forward saves only with
+                out = module(xv, target) if isinstance(module, Loss) else module(xv)
+                if dout is None:
+                    module._release_saved()
+                    return out.clone(), ()
+                dx = module.backward(dout)
+            return out.clone(), (dx.clone(), *(p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+                                               for _, p in named))
         finally:
+            module.needs_input_grad = needs_input_grad
             for (_, p), d in zip(named, saved):
                 p.data = d
 
     inputs = (x.detach().clone().requires_grad_(True),
-              *(p.data.detach().clone().requires_grad_(True) for _, p in named))
+              *(p.detach().clone().requires_grad_(True) for _, p in named))
     try:
         return torch.autograd.gradcheck(lambda *a: _HandWritten.apply(run, *a), inputs, eps=eps, atol=atol, rtol=rtol,
                                          raise_exception=raise_exception)
@@ -231,19 +243,28 @@ def check_gradients_fd(module: Module, x: Tensor, target: Tensor | None = None, 
             b.copy_(buffers[name])
 
 
+LAYOUTS = ("plain", "fast")
+"""Where :func:`builtin_checks` runs each module: allocating (``plain``), or bound to the fast layout (``fast``,
+:class:`~nnbackprop.layout.FastLayout`: workspace buffers, flat parameters and gradients), as the fast step runs it."""
+
+
 def builtin_checks(
-    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64, seed: int = 0, finite_differences: bool = False
+    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float64, seed: int = 0,
+    finite_differences: bool = False, layout: str = "plain",
 ) -> list[GradCheckReport]:
-    """Check every built-in layer and loss, and a few whole models, on random inputs of several shapes.
+    """Check every built-in layer and loss, and a few whole models, on random inputs of several shapes, in ``layout``.
 
     With ``finite_differences`` (float64 only), each check is also run through :func:`check_gradients_fd`; a failure
     there adds a failing ``finite-differences`` row to the report.
     """
     from nnbackprop.layers import GELU, BatchNorm1d, Dropout, Flatten, LeakyReLU, Linear, ReLU, Sigmoid, Tanh
+    from nnbackprop.layout import FastLayout
     from nnbackprop.losses import BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
     from nnbackprop.model import mlp
     from nnbackprop.worked_example import seed_network
 
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     g = torch.Generator().manual_seed(seed)
 
     def randn(*shape: int) -> Tensor:
@@ -258,6 +279,7 @@ def builtin_checks(
         ("Linear 64->32, strided input", Linear(64, 32, generator=g), randn(16, 128)[:, ::2], None),
         ("ReLU (4, 6)", ReLU(), randn(4, 6), None),
         ("LeakyReLU(0.1) (2, 3, 5)", LeakyReLU(0.1), randn(2, 3, 5), None),
+        ("LeakyReLU(-1.5) (4, 6)", LeakyReLU(-1.5), randn(4, 6), None),
         ("Sigmoid (4, 6)", Sigmoid(), randn(4, 6), None),
         ("Tanh (3, 7)", Tanh(), randn(3, 7), None),
         ("GELU (4, 6)", GELU(), randn(4, 6), None),
@@ -285,6 +307,8 @@ def builtin_checks(
     for name, module, x, target in cases:
         if not isinstance(module, Loss):
             module.to(device=device, dtype=dtype)
+        if layout == "fast":
+            FastLayout(module)
         report = check_gradients(module, x, target, generator=g, subject=name)
         if finite_differences:
             mismatch = 0.0 if check_gradients_fd(module, x, target) else float("inf")

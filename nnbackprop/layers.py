@@ -3,7 +3,9 @@
 Each layer's ``forward`` validates its input, computes the op and saves exactly what its ``backward`` needs;
 ``backward(dout)`` returns ``dx`` and adds the parameter gradients into ``param.grad``. ``reference_forward`` is the same
 function in ``torch.nn.functional`` (what the gradient checker differentiates with autograd), and ``to_torch`` gives the
-equivalent ``torch.nn`` module.
+equivalent ``torch.nn`` module. Outputs and input gradients go into the fast layout's workspace when one is bound
+(:meth:`~nnbackprop.module.Module.scratch`), parameter gradients into its flat gradient
+(:meth:`~nnbackprop.module.Parameter.grad_out`); otherwise the ops allocate them.
 """
 
 from __future__ import annotations
@@ -66,8 +68,8 @@ class Linear(Module):
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Draw fresh initial values with this layer's ``init`` scheme."""
-        device = generator.device if generator is not None else self.weight.data.device
-        w = torch.empty(self.weight.shape, dtype=self.weight.data.dtype, device=device)
+        device = generator.device if generator is not None else self.weight.device
+        w = torch.empty(self.weight.shape, dtype=self.weight.dtype, device=device)
         b = torch.zeros(self.out_features, dtype=w.dtype, device=device)
         fan_in, fan_out = self.in_features, self.out_features
         if self.init == "default":
@@ -82,20 +84,27 @@ class Linear(Module):
         else:
             bound = math.sqrt(6.0 / (fan_in + fan_out))
             w.uniform_(-bound, bound, generator=generator)
-        self.weight.data.copy_(w)
-        if self.bias is not None:
-            self.bias.data.copy_(b)
+        with torch.no_grad():
+            self.weight.copy_(w)
+            if self.bias is not None:
+                self.bias.copy_(b)
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x, ndim=2, features=self.in_features)
-        self._save_for_backward(x)
-        return F.linear_forward(x, self.weight.data, None if self.bias is None else self.bias.data)
+        self.save_for_backward(x)
+        out = self.scratch("out", (x.shape[0], self.out_features), x)
+        return F.linear_forward(x, self.weight, self.bias, out=out)
 
-    def backward(self, dout: Tensor) -> Tensor:
-        (x,) = self._pop_cache()
-        dx, dW, db = F.linear_backward(dout, x, self.weight.data, self.bias is not None)
+    def backward(self, dout: Tensor) -> Tensor | None:
+        (x,) = self.saved_tensors
+        has_bias = self.bias is not None
+        dx, dW, db = F.linear_backward(
+            dout, x, self.weight, bias=has_bias, input_grad=self.needs_input_grad,
+            dx=self.scratch("dx", x.shape, x) if self.needs_input_grad else None,
+            dW=self.weight.grad_out(), db=self.bias.grad_out() if has_bias else None,
+        )
         self.weight.accumulate(dW)
-        if self.bias is not None:
+        if has_bias:
             self.bias.accumulate(db)
         return dx
 
@@ -103,7 +112,7 @@ class Linear(Module):
         return TF.linear(x, params["weight"], params.get("bias"))
 
     def to_torch(self) -> torch.nn.Module:
-        w = self.weight.data
+        w = self.weight
         m = torch.nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
         m.load_state_dict(self.state_dict())
         return m
@@ -113,34 +122,35 @@ class Linear(Module):
 
 
 class _Elementwise(Module):
-    """An activation applied elementwise: any input shape, output of the same shape, no parameters."""
+    """An activation applied elementwise: any input shape, output of the same shape, no parameters. Subclasses give
+    the op (``_forward``: output and what backward needs) and its derivative (``_backward``)."""
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        out, saved = self._forward(x)
-        self._save_for_backward(saved)
+        out, saved = self._forward(x, self.scratch("out", x.shape, x))
+        self.save_for_backward(saved)
         return out
 
     def backward(self, dout: Tensor) -> Tensor:
-        (saved,) = self._pop_cache()
-        return self._backward(dout, saved)
+        (saved,) = self.saved_tensors
+        return self._backward(dout, saved, self.scratch("dx", dout.shape, dout))
 
-    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _forward(self, x: Tensor, out: Tensor | None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
-    def _backward(self, dout: Tensor, saved: Tensor) -> Tensor:
+    def _backward(self, dout: Tensor, saved: Tensor, dx: Tensor | None) -> Tensor:
         raise NotImplementedError
 
 
 class ReLU(_Elementwise):
     """:math:`\\max(x, 0)`, elementwise."""
 
-    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        out = F.relu_forward(x)
+    def _forward(self, x: Tensor, out: Tensor | None) -> tuple[Tensor, Tensor]:
+        out = F.relu_forward(x, out=out)
         return out, out
 
-    def _backward(self, dout: Tensor, out: Tensor) -> Tensor:
-        return F.relu_backward(dout, out)
+    def _backward(self, dout: Tensor, out: Tensor, dx: Tensor | None) -> Tensor:
+        return F.relu_backward(dout, out, dx=dx)
 
     def reference_forward(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         return TF.relu(x)
@@ -156,11 +166,11 @@ class LeakyReLU(_Elementwise):
         super().__init__()
         self.negative_slope = negative_slope
 
-    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return F.leaky_relu_forward(x, self.negative_slope), x
+    def _forward(self, x: Tensor, out: Tensor | None) -> tuple[Tensor, Tensor]:
+        return F.leaky_relu_forward(x, self.negative_slope, out=out), x
 
-    def _backward(self, dout: Tensor, x: Tensor) -> Tensor:
-        return F.leaky_relu_backward(dout, x, self.negative_slope)
+    def _backward(self, dout: Tensor, x: Tensor, dx: Tensor | None) -> Tensor:
+        return F.leaky_relu_backward(dout, x, self.negative_slope, dx=dx)
 
     def reference_forward(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         return TF.leaky_relu(x, self.negative_slope)
@@ -175,12 +185,12 @@ class LeakyReLU(_Elementwise):
 class Sigmoid(_Elementwise):
     """The logistic function :math:`1 / (1 + e^{-x})`, elementwise."""
 
-    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        out = F.sigmoid_forward(x)
+    def _forward(self, x: Tensor, out: Tensor | None) -> tuple[Tensor, Tensor]:
+        out = F.sigmoid_forward(x, out=out)
         return out, out
 
-    def _backward(self, dout: Tensor, out: Tensor) -> Tensor:
-        return F.sigmoid_backward(dout, out)
+    def _backward(self, dout: Tensor, out: Tensor, dx: Tensor | None) -> Tensor:
+        return F.sigmoid_backward(dout, out, dx=dx)
 
     def reference_forward(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         return torch.sigmoid(x)
@@ -192,12 +202,12 @@ class Sigmoid(_Elementwise):
 class Tanh(_Elementwise):
     """The hyperbolic tangent, elementwise."""
 
-    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        out = F.tanh_forward(x)
+    def _forward(self, x: Tensor, out: Tensor | None) -> tuple[Tensor, Tensor]:
+        out = F.tanh_forward(x, out=out)
         return out, out
 
-    def _backward(self, dout: Tensor, out: Tensor) -> Tensor:
-        return F.tanh_backward(dout, out)
+    def _backward(self, dout: Tensor, out: Tensor, dx: Tensor | None) -> Tensor:
+        return F.tanh_backward(dout, out, dx=dx)
 
     def reference_forward(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         return torch.tanh(x)
@@ -215,11 +225,11 @@ class GELU(_Elementwise):
             raise ValueError(f"GELU: approximate must be 'none' or 'tanh', got '{approximate}'")
         self.approximate = approximate
 
-    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return F.gelu_forward(x, self.approximate), x
+    def _forward(self, x: Tensor, out: Tensor | None) -> tuple[Tensor, Tensor]:
+        return F.gelu_forward(x, self.approximate, out=out), x
 
-    def _backward(self, dout: Tensor, x: Tensor) -> Tensor:
-        return F.gelu_backward(dout, x, self.approximate)
+    def _backward(self, dout: Tensor, x: Tensor, dx: Tensor | None) -> Tensor:
+        return F.gelu_backward(dout, x, self.approximate, dx=dx)
 
     def reference_forward(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         return TF.gelu(x, approximate=self.approximate)
@@ -250,21 +260,20 @@ class Dropout(Module):
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
         if not self.training or self.p == 0:
-            self._save_for_backward(None)
+            self.save_for_backward(None)
             return x
-        out, mask = F.dropout_forward(x, self.p, self.generator)
-        self._save_for_backward(mask)
+        out, mask = F.dropout_forward(x, self.p, self.generator, out=self.scratch("out", x.shape, x),
+                                      mask=self.scratch("mask", x.shape, x))
+        self.save_for_backward(mask)
         return out
 
     def backward(self, dout: Tensor) -> Tensor:
-        (mask,) = self._pop_cache()
-        return dout if mask is None else F.dropout_backward(dout, mask)
+        (mask,) = self.saved_tensors
+        return dout if mask is None else F.dropout_backward(dout, mask, dx=self.scratch("dx", dout.shape, dout))
 
     def reference_forward(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         """``x · mask`` with the mask of the last :meth:`forward` (torch's own dropout draws masks it cannot share)."""
-        if self._cache is None:
-            raise RuntimeError("Dropout.reference_forward reuses the mask of the last forward(); call forward first")
-        (mask,) = self._cache
+        (mask,) = self.saved_tensors
         return x if mask is None else x * mask
 
     def to_torch(self) -> torch.nn.Module:
@@ -284,11 +293,11 @@ class Flatten(Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x)
-        self._save_for_backward(x.shape)
+        self.save_for_backward(x.shape)
         return torch.flatten(x, self.start_dim, self.end_dim)
 
     def backward(self, dout: Tensor) -> Tensor:
-        (shape,) = self._pop_cache()
+        (shape,) = self.saved_tensors
         return dout.reshape(shape)
 
     def reference_forward(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
@@ -343,21 +352,25 @@ class BatchNorm1d(Module):
         self.check_input(x, ndim=2, features=self.num_features)
         if self.training and x.shape[0] < 2:
             raise ValueError(
-                f"{self._name()}: training needs more than one sample per batch to estimate the batch variance, "
+                f"{self.name}: training needs more than one sample per batch to estimate the batch variance, "
                 f"got batch size {x.shape[0]}. Use a larger batch or call model.eval()."
             )
         if self.training:
             self.num_batches_tracked.add_(1)
         out, xhat, rstd = F.batchnorm_forward(
-            x, self.weight.data, self.bias.data, self.running_mean, self.running_var,
-            self.training, self.momentum, self.eps,
+            x, self.weight, self.bias, self.running_mean, self.running_var, self.training, self.momentum, self.eps,
+            out=self.scratch("out", x.shape, x), xhat=self.scratch("xhat", x.shape, x),
         )
-        self._save_for_backward(xhat, rstd, self.training)
+        self.save_for_backward(xhat, rstd, self.training)
         return out
 
-    def backward(self, dout: Tensor) -> Tensor:
-        xhat, rstd, training = self._pop_cache()
-        dx, dgamma, dbeta = F.batchnorm_backward(dout, xhat, rstd, self.weight.data, training)
+    def backward(self, dout: Tensor) -> Tensor | None:
+        xhat, rstd, training = self.saved_tensors
+        dx, dgamma, dbeta = F.batchnorm_backward(
+            dout, xhat, rstd, self.weight, training, input_grad=self.needs_input_grad,
+            dx=self.scratch("dx", dout.shape, dout) if self.needs_input_grad else None,
+            dW=self.weight.grad_out(), db=self.bias.grad_out(),
+        )
         self.weight.accumulate(dgamma)
         self.bias.accumulate(dbeta)
         return dx
@@ -370,7 +383,7 @@ class BatchNorm1d(Module):
         )
 
     def to_torch(self) -> torch.nn.Module:
-        w = self.weight.data
+        w = self.weight
         m = torch.nn.BatchNorm1d(self.num_features, self.eps, self.momentum, device=w.device, dtype=w.dtype)
         m.load_state_dict(self.state_dict())
         return m

@@ -1,6 +1,11 @@
 """Losses: ``forward(input, target)`` returns a 0-dim loss tensor; ``backward(dloss=1.0)`` returns ``d input``.
 
 The returned gradient is what the model's ``backward`` takes as ``dout``.
+
+Labels are checked on every call. On the CPU that is a plain read. On a GPU, reading them would stall the device every
+step, so there the check runs on the device: out-of-range labels are clamped (no device-side assert) and turn the loss
+into NaN, and :meth:`Loss.label_error` (which the training loop consults when it meets a non-finite loss) says which
+labels were wrong.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ class Loss(Module):
         if reduction not in self.reductions:
             raise ValueError(f"{type(self).__name__}: reduction must be one of {self.reductions}, got '{reduction}'")
         self.reduction = reduction
+        self.__dict__["_label_check"] = None  # on a GPU: (bad-label flag on the device, what the labels must be)
 
     def __call__(self, input: Tensor, target: Tensor) -> Tensor:  # type: ignore[override]
-        return self.forward(input, target)
+        return super().__call__(input, target)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:  # type: ignore[override]
         raise NotImplementedError
@@ -39,43 +45,67 @@ class Loss(Module):
         """The loss in ``torch.nn.functional``, for the gradient checker (``target`` as passed to ``forward``)."""
         raise NotImplementedError
 
+    def _check_dout(self, dloss: Any) -> None:
+        if isinstance(dloss, Tensor) and dloss.numel() != 1:
+            raise ValueError(f"{self.name}.backward: dloss must be a number or a one-element tensor (d total / d loss), "
+                             f"got shape {tuple(dloss.shape)}")
+
+    def label_error(self) -> str | None:
+        """Why the labels of the last GPU batch were invalid, or ``None`` (reads the device flag: a sync)."""
+        check = self.__dict__["_label_check"]
+        if check is None or not bool(check[0]):
+            return None
+        return f"{self.name}: {check[1]}, found some outside that range on the device"
+
+    # ------------------------------------------------------------------ input checks
     def _check_logits(self, input: Tensor, ndim: tuple[int, ...]) -> None:
         self.check_input(input)
         if input.dim() not in ndim:
             shapes = " or ".join({1: "(N,)", 2: "(N, C)"}[d] for d in ndim)
-            raise ValueError(f"{self._name()}: expected input of shape {shapes}, got {tuple(input.shape)}")
+            raise ValueError(f"{self.name}: expected input of shape {shapes}, got {tuple(input.shape)}")
         if input.shape[0] == 0:
-            raise ValueError(f"{self._name()}: got an empty batch")
+            raise ValueError(f"{self.name}: got an empty batch")
 
     def _check_target_device(self, input: Tensor, target: Tensor) -> None:
         if target.device != input.device:
             raise ValueError(
-                f"{self._name()}: target is on {target.device} but input is on {input.device}; move the labels with "
+                f"{self.name}: target is on {target.device} but input is on {input.device}; move the labels with "
                 f"target.to('{input.device}')"
             )
 
+    def _in_range(self, target: Tensor, lo: float, hi: float, what: str) -> Tensor:
+        """``target`` with every value in ``[lo, hi]``: checked on the CPU, clamped and flagged on a GPU."""
+        if target.device.type == "cpu":
+            found_lo, found_hi = (value.item() for value in torch.aminmax(target))
+            if found_lo < lo or found_hi > hi:
+                raise ValueError(f"{self.name}: {what}, found {found_lo if found_lo < lo else found_hi}. Check the "
+                                 "data set's labels against the model's output size.")
+            return target
+        self.__dict__["_label_check"] = (((target < lo) | (target > hi)).any(), what)
+        return target.clamp(lo, hi)
+
+    def _poisoned(self, loss: Tensor) -> Tensor:
+        """``loss``, or NaN when the device check flagged this batch's labels."""
+        check = self.__dict__["_label_check"]
+        if loss.device.type == "cpu" or check is None:
+            return loss
+        return torch.where(check[0], torch.full_like(loss, float("nan")), loss)
+
     def _class_indices(self, input: Tensor, target: Any) -> Tensor:
         """Validate integer class labels ``(N,)`` for logits ``(N, C)`` and return them as int64."""
-        name = self._name()
         if not isinstance(target, Tensor):
-            raise ValueError(f"{name}: target must be a tensor of class indices, got {type(target).__name__}")
+            raise ValueError(f"{self.name}: target must be a tensor of class indices, got {type(target).__name__}")
         if target.is_floating_point() or target.dtype == torch.bool:
             raise ValueError(
-                f"{name}: target must hold integer class indices of shape (N,), got dtype {target.dtype}. "
+                f"{self.name}: target must hold integer class indices of shape (N,), got dtype {target.dtype}. "
                 "Pass labels such as torch.tensor([3, 0, 7]), not one-hot or probabilities."
             )
         n, c = input.shape
         if target.shape != (n,):
-            raise ValueError(f"{name}: target must have shape ({n},) to match input {tuple(input.shape)}, "
+            raise ValueError(f"{self.name}: target must have shape ({n},) to match input {tuple(input.shape)}, "
                              f"got {tuple(target.shape)}")
         self._check_target_device(input, target)
-        lo, hi = int(target.min()), int(target.max())
-        if lo < 0 or hi >= c:
-            raise ValueError(
-                f"{name}: labels must be in [0, {c - 1}] for {c} classes, found {lo if lo < 0 else hi}. "
-                "Check the data set's labels against the model's output size."
-            )
-        return target.long()
+        return self._in_range(target, 0, c - 1, f"labels must be in [0, {c - 1}] for {c} classes").long()
 
 
 class CrossEntropyLoss(Loss):
@@ -88,13 +118,15 @@ class CrossEntropyLoss(Loss):
     def forward(self, input: Tensor, target: Tensor) -> Tensor:  # type: ignore[override]
         self._check_logits(input, (2,))
         target = self._class_indices(input, target)
-        loss, probs = F.cross_entropy_forward(input, target, self.reduction)
-        self._save_for_backward(probs, target)
-        return loss
+        loss, log_probs = F.cross_entropy_forward(input, target, self.reduction,
+                                                  out=self.scratch("log_probs", input.shape, input))
+        self.save_for_backward(log_probs, target)
+        return self._poisoned(loss)
 
     def backward(self, dloss: Tensor | float = 1.0) -> Tensor:
-        probs, target = self._pop_cache()
-        return F.cross_entropy_backward(dloss, probs, target, self.reduction)
+        log_probs, target = self.saved_tensors
+        return F.cross_entropy_backward(dloss, log_probs, target, self.reduction,
+                                        dx=self.scratch("dx", log_probs.shape, log_probs))
 
     def reference_forward(self, input: Tensor, target: Tensor) -> Tensor:  # type: ignore[override]
         return TF.cross_entropy(input, target.long(), reduction=self.reduction)
@@ -114,13 +146,13 @@ class MSELoss(Loss):
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:  # type: ignore[override]
         target = self._as_target(input, target)
-        loss, diff = F.mse_forward(input, target, self.reduction)
-        self._save_for_backward(diff)
-        return loss
+        loss, diff = F.mse_forward(input, target, self.reduction, out=self.scratch("diff", input.shape, input))
+        self.save_for_backward(diff)
+        return self._poisoned(loss)
 
     def backward(self, dloss: Tensor | float = 1.0) -> Tensor:
-        (diff,) = self._pop_cache()
-        return F.mse_backward(dloss, diff, self.reduction)
+        (diff,) = self.saved_tensors
+        return F.mse_backward(dloss, diff, self.reduction, dx=self.scratch("dx", diff.shape, diff))
 
     def reference_forward(self, input: Tensor, target: Tensor) -> Tensor:  # type: ignore[override]
         target = self._as_target(input, target)
@@ -131,12 +163,13 @@ class MSELoss(Loss):
     def _as_target(self, input: Tensor, target: Any) -> Tensor:
         self.check_input(input)
         if isinstance(target, Tensor) and not target.is_floating_point() and input.dim() == 2:
-            return TF.one_hot(self._class_indices(input, target), input.shape[1]).to(input.dtype)
+            labels = self._class_indices(input, target).unsqueeze(1)  # (N, 1)
+            return torch.zeros_like(input).scatter_(1, labels, 1.0)  # one-hot rows (N, C)
         if not isinstance(target, Tensor) or not target.is_floating_point():
-            raise ValueError(f"{self._name()}: target must be a float tensor shaped like the input "
+            raise ValueError(f"{self.name}: target must be a float tensor shaped like the input "
                              f"{tuple(input.shape)}, or integer class labels (N,) for input (N, C)")
         if target.shape != input.shape:
-            raise ValueError(f"{self._name()}: target shape {tuple(target.shape)} differs from input shape "
+            raise ValueError(f"{self.name}: target shape {tuple(target.shape)} differs from input shape "
                              f"{tuple(input.shape)}")
         self._check_target_device(input, target)
         return target.to(input.dtype)
@@ -151,29 +184,30 @@ class BCEWithLogitsLoss(Loss):
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:  # type: ignore[override]
         target = self._as_target(input, target)
-        loss, residual = F.bce_with_logits_forward(input, target, self.reduction)
-        self._save_for_backward(residual)
-        return loss
+        loss, residual = F.bce_with_logits_forward(input, target, self.reduction,
+                                                   out=self.scratch("residual", input.shape, input))
+        self.save_for_backward(residual)
+        return self._poisoned(loss)
 
     def backward(self, dloss: Tensor | float = 1.0) -> Tensor:
-        (residual,) = self._pop_cache()
-        return F.bce_with_logits_backward(dloss, residual, self.reduction)
+        (residual,) = self.saved_tensors
+        return F.bce_with_logits_backward(dloss, residual, self.reduction,
+                                          dx=self.scratch("dx", residual.shape, residual))
 
     def reference_forward(self, input: Tensor, target: Tensor) -> Tensor:  # type: ignore[override]
         return TF.binary_cross_entropy_with_logits(input, self._as_target(input, target), reduction=self.reduction)
 
     def _as_target(self, input: Tensor, target: Any) -> Tensor:
         self._check_logits(input, (1, 2))
-        name = self._name()
         if input.dim() == 2 and input.shape[1] != 1:
-            raise ValueError(f"{name}: expected one logit per sample, input (N,) or (N, 1), got {tuple(input.shape)}; "
-                             "for several classes use CrossEntropyLoss")
+            raise ValueError(f"{self.name}: expected one logit per sample, input (N,) or (N, 1), got "
+                             f"{tuple(input.shape)}; for several classes use CrossEntropyLoss")
         if not isinstance(target, Tensor) or target.numel() != input.shape[0] or target.dim() > 2:
             shape = tuple(target.shape) if isinstance(target, Tensor) else type(target).__name__
-            raise ValueError(f"{name}: target must hold {input.shape[0]} labels to match input "
+            raise ValueError(f"{self.name}: target must hold {input.shape[0]} labels to match input "
                              f"{tuple(input.shape)}, got {shape}")
+        if target.dtype == torch.bool:
+            target = target.long()
         self._check_target_device(input, target)
-        lo, hi = float(target.min()), float(target.max())
-        if lo < 0 or hi > 1:
-            raise ValueError(f"{name}: targets must lie in [0, 1], found {lo if lo < 0 else hi}")
+        target = self._in_range(target, 0, 1, "targets must lie in [0, 1]")
         return target.reshape(input.shape).to(input.dtype)

@@ -1,8 +1,14 @@
-"""The model container :class:`Sequential`, the :func:`mlp` builder, and the bridge to ``torch.nn``."""
+"""Models: the container :class:`Sequential`, the :func:`mlp` builder, a user's model from a file
+(:func:`model_from_file`), and the bridge to ``torch.nn``."""
 
 from __future__ import annotations
 
-from typing import Iterator, Mapping, Sequence
+import hashlib
+import importlib.util
+import inspect
+import sys
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -21,7 +27,10 @@ ACTIVATIONS: dict[str, type[Module]] = {
 
 class Sequential(Module):
     """Layers applied in order; ``backward`` runs them in reverse, each layer's ``dx`` becoming the ``dout`` of the
-    layer before it. Children are named ``"0"``, ``"1"``, … so ``state_dict`` keys match ``torch.nn.Sequential``."""
+    layer before it. Children are named ``"0"``, ``"1"``, … so ``state_dict`` keys match ``torch.nn.Sequential``.
+
+    When ``needs_input_grad`` is cleared (a training step does, as the model's input is data), backward stops at the
+    first layer with parameters, which is told not to compute its ``dx``, and the layers before it are skipped."""
 
     def __init__(self, *layers: Module) -> None:
         super().__init__()
@@ -44,14 +53,22 @@ class Sequential(Module):
         return list(self._modules.values())[index]
 
     def forward(self, x: Tensor) -> Tensor:
-        for layer in self:
+        for layer in self._modules.values():
             x = layer(x)
         return x
 
-    def backward(self, dout: Tensor) -> Tensor:
-        for layer in reversed(list(self)):
-            dout = layer.backward(dout)
-        return dout
+    def backward(self, dout: Tensor) -> Tensor | None:
+        layers = list(self._modules.values())
+        stop = 0
+        if not self.needs_input_grad:
+            stop = next((i for i, layer in enumerate(layers) if layer._parameters or next(layer.parameters(), None)
+                         is not None), len(layers))
+            for layer in layers[:stop]:
+                layer._release_saved()
+        for i in range(len(layers) - 1, stop - 1, -1):
+            layers[i].__dict__["needs_input_grad"] = self.needs_input_grad or i > stop
+            dout = layers[i].backward(dout)
+        return dout if self.needs_input_grad else None
 
     def reference_forward(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         for name, layer in self._modules.items():
@@ -116,3 +133,45 @@ def mlp(
         width = h
     layers.append(Linear(width, out_features, init=init, device=device, dtype=dtype, generator=generator))
     return Sequential(*layers)
+
+
+def model_from_file(spec: str, **available: Any) -> Module:
+    """The model returned by the function ``spec`` names, ``"PATH.py:FUNCTION"``.
+
+    The file is imported as a module; the function is called with those of ``available`` (e.g. ``in_features``,
+    ``input_shape``, ``num_classes``, ``generator``) that it declares as parameters.
+
+    Raises:
+        ValueError: in one line, naming the file or function: it is missing, does not import, raises, or returns
+            something other than an nnbackprop module.
+    """
+    path_text, _, function_name = spec.rpartition(":")
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise ValueError(f"--model {spec}: no file {path}")
+    module_name = f"nnbackprop_user_model_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
+    try:
+        import_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(import_spec)
+        sys.modules[module_name] = module
+        import_spec.loader.exec_module(module)
+    except Exception as error:  # whatever the user's file raises while importing
+        sys.modules.pop(module_name, None)
+        raise ValueError(f"--model {spec}: importing {path} failed: {_first_line(error)}") from error
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ValueError(f"--model {spec}: {path} has no function {function_name}")
+    accepted = inspect.signature(function).parameters
+    try:
+        model = function(**{k: v for k, v in available.items() if k in accepted})
+    except Exception as error:  # whatever the user's function raises
+        raise ValueError(f"--model {spec}: {function_name}() raised {_first_line(error)}") from error
+    if not isinstance(model, Module):
+        raise ValueError(f"--model {spec}: {function_name}() returned a {type(model).__name__}, not an nnbackprop "
+                         "Module (e.g. nnbackprop.Sequential(...))")
+    return model
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__

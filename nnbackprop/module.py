@@ -1,69 +1,152 @@
-"""The module API: parameters, buffers, train/eval, device moves and ``state_dict``, shaped like ``torch.nn``.
+"""The module API: parameters, saved tensors, train/eval, device moves and ``state_dict``, shaped like ``torch.nn``.
 
 A :class:`Module` computes ``forward(x)`` and, from the gradient of the loss with respect to its output, ``backward(dout)``
 returns the gradient with respect to its input and *accumulates* the gradients of its parameters into ``param.grad``.
-Nothing here records an autograd graph: parameters are plain tensors that never require grad.
+Nothing here records an autograd graph: parameters are tensors that never require grad.
+
+Writing a layer takes only these public names (``torch.autograd.Function``'s where it has them)::
+
+    class Swish(nb.Module):
+        def forward(self, x):
+            self.check_input(x)                  # a clear error for a non-float, mis-shaped or misplaced input
+            s = torch.sigmoid(x)
+            self.save_for_backward(x, s)         # what backward needs, nothing more
+            return x * s
+
+        def backward(self, dout):
+            x, s = self.saved_tensors
+            return dout * (s + x * s * (1 - s))  # parameters, if any: self.weight.accumulate(dW)
+
+The base class checks every call for you: ``backward`` without a ``forward`` (or a second ``backward`` after one),
+``backward`` after two ``forward`` passes (whose saved tensors would be the wrong batch's), and a ``dout`` whose shape,
+dtype or device is not the output's each raise an error naming the layer. As in torch, a ``forward`` under
+``torch.no_grad()`` keeps nothing for backward (use it for evaluation and logging passes) and leaves what an earlier
+``forward`` saved untouched.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 
-class Parameter:
-    """A trainable tensor and its gradient.
+class Parameter(torch.nn.Parameter):
+    """A trainable tensor of a :class:`Module`, and its gradient.
 
-    Attributes:
-        data: the value, updated in place by the optimizer.
-        grad: the accumulated gradient of the loss with respect to ``data`` (same shape, dtype and device), or ``None``
-            until the first ``backward``. Backward adds into it; :meth:`Module.zero_grad` clears it.
+    It is a ``torch.Tensor`` — every tensor op, ``torch.optim`` optimizers and learning-rate schedulers take it as
+    they take a ``torch.nn.Parameter`` — that never requires grad: its gradient is written by the hand-written
+    backward passes, through :meth:`accumulate`, into ``.grad`` (same shape, dtype and device), which stays ``None``
+    until the first backward and is cleared by :meth:`Module.zero_grad`.
+
+    The fast training step rebinds the parameter's storage to a view of one flat tensor of all parameters and offers a
+    view of one flat gradient tensor as its gradient's home (:mod:`nnbackprop.layout`); nothing changes for the code
+    that uses it.
     """
 
-    __slots__ = ("data", "grad")
+    _grad_view: Tensor | None = None  # where the gradient lives in the fast layout (set by nnbackprop.layout)
 
-    def __init__(self, data: Tensor) -> None:
+    def __new__(cls, data: Tensor | None = None, requires_grad: bool = False) -> "Parameter":
+        if data is None:
+            data = torch.empty(0)
         if not isinstance(data, Tensor):
             raise TypeError(f"Parameter expects a torch.Tensor, got {type(data).__name__}")
-        self.data = data.detach()
-        self.grad: Tensor | None = None
+        return torch.Tensor._make_subclass(cls, data.detach(), False)
 
     def accumulate(self, dgrad: Tensor) -> None:
-        """Add ``dgrad`` into ``grad`` (allocating it on first use)."""
-        if self.grad is None:
-            self.grad = dgrad.detach().clone()
-        else:
+        """Add ``dgrad`` (this parameter's shape, dtype and device) into ``grad``; a cleared ``grad`` becomes a copy."""
+        if dgrad is self._grad_view:  # written in place through grad_out()
+            self.grad = dgrad
+            return
+        if dgrad.shape != self.shape or dgrad.dtype != self.dtype or dgrad.device != self.device:
+            raise ValueError(
+                f"gradient of a parameter of shape {tuple(self.shape)} ({self.dtype}, {self.device}) got "
+                f"{tuple(dgrad.shape)} ({dgrad.dtype}, {dgrad.device}); a layer's backward must accumulate exactly "
+                "d loss / d parameter"
+            )
+        if self.grad is not None:
             self.grad.add_(dgrad)
+        elif self._grad_view is None:
+            self.grad = dgrad.detach().clone(memory_format=torch.contiguous_format)
+        else:
+            self.grad = self._grad_view.copy_(dgrad)
+
+    def grad_out(self) -> Tensor | None:
+        """Where a backward may write this parameter's gradient directly (``out=``) before :meth:`accumulate`: the
+        fast layout's gradient view while ``grad`` is clear, else ``None`` (compute the gradient, then accumulate)."""
+        return self._grad_view if self.grad is None else None
+
+
+class _StandIn(torch.Tensor):
+    """A parameter's stand-in while :meth:`Module.reference_forward` runs a layer's own forward under autograd: it is
+    the tensor autograd differentiates, and its ``.data`` is itself, so a forward that reads ``self.weight.data`` is
+    traced too."""
 
     @property
-    def shape(self) -> torch.Size:
-        return self.data.shape
+    def data(self) -> Tensor:  # type: ignore[override]
+        return self
 
-    def __repr__(self) -> str:
-        return f"Parameter(shape={tuple(self.data.shape)}, dtype={self.data.dtype}, device={self.data.device})"
+
+def _checked_backward(backward: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a subclass's ``backward``: refuse it unless exactly one ``forward`` saved for it, check ``dout``, release
+    the saved tensors afterwards, and run the backward hooks."""
+
+    @functools.wraps(backward)
+    def checked_backward(self: "Module", *args: Any, **kwargs: Any) -> Any:
+        state = self.__dict__
+        if state["_depth"]:  # a subclass calling super().backward
+            return backward(self, *args, **kwargs)
+        if state["_pending"] != 1:
+            self._refuse_backward()
+        if args:
+            self._check_dout(args[0])
+        state["_depth"] = 1
+        try:
+            dx = backward(self, *args, **kwargs)
+        finally:
+            state["_depth"] = 0
+            state["_saved"], state["_pending"] = None, 0
+        for hook in state["_backward_hooks"].values():
+            hook(self, (dx,), args[:1])
+        return dx
+
+    return checked_backward
 
 
 class Module:
-    """Base class of every layer, loss-free model and container.
+    """Base class of every layer, loss and container.
 
     Subclasses assign :class:`Parameter` s, sub-modules and (via :meth:`register_buffer`) buffers as attributes, and
-    implement :meth:`forward` and :meth:`backward`. ``forward`` keeps what ``backward`` needs in ``self._cache``;
-    ``backward`` consumes it, so calling ``backward`` before ``forward``, or twice after one ``forward``, is an error.
+    implement :meth:`forward` and :meth:`backward`: ``forward`` keeps what ``backward`` needs with
+    :meth:`save_for_backward`; ``backward`` reads it from :attr:`saved_tensors`, returns ``dx`` and accumulates the
+    parameter gradients. Each forward serves one backward (see the module docstring for what is checked).
 
     A layer may also implement :meth:`reference_forward` (the same function written with ``torch.nn.functional``, for
     the gradient checker) and :meth:`to_torch` (the equivalent ``torch.nn`` module). A user's layer that implements
     neither is checked by running autograd through its own ``forward``.
+
+    Attributes:
+        training: dropout active and batch norm on batch statistics (``train()``), or not (``eval()``).
+        needs_input_grad: whether ``backward`` must return ``dx``. A training step clears it on the model, whose
+            input is data; a layer may then skip computing ``dx`` and return ``None`` (``torch.autograd.Function``'s
+            ``ctx.needs_input_grad``).
     """
 
     def __init__(self) -> None:
-        object.__setattr__(self, "_parameters", OrderedDict())
-        object.__setattr__(self, "_buffers", OrderedDict())
-        object.__setattr__(self, "_modules", OrderedDict())
-        object.__setattr__(self, "training", True)
-        object.__setattr__(self, "_cache", None)
+        state = self.__dict__
+        state.update(_parameters=OrderedDict(), _buffers=OrderedDict(), _modules=OrderedDict(), training=True,
+                     needs_input_grad=True, _saved=None, _pending=0, _depth=0, _out_meta=None, _workspace=None,
+                     _scratch={},
+                     _forward_hooks=OrderedDict(), _backward_hooks=OrderedDict(), _custom_name=None)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "backward" in cls.__dict__:
+            cls.backward = _checked_backward(cls.__dict__["backward"])
 
     # ------------------------------------------------------------------ registration
     def __setattr__(self, name: str, value: Any) -> None:
@@ -79,91 +162,182 @@ class Module:
 
     def register_buffer(self, name: str, tensor: Tensor) -> None:
         """Keep ``tensor`` as state that is saved and moved with the module but not trained (e.g. running means)."""
+        self._parameters.pop(name, None)
+        self._modules.pop(name, None)
         object.__setattr__(self, name, tensor)
-        self._buffers[name] = tensor
-
-    def _set_buffer(self, name: str, tensor: Tensor) -> None:
-        object.__setattr__(self, name, tensor)
-        self._buffers[name] = tensor
+        self._buffers[name] = tensor  # a buffer registered again keeps its place in state_dict
 
     # ------------------------------------------------------------------ computation
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, *inputs: Any) -> Any:
         raise NotImplementedError(f"{type(self).__name__} does not implement forward")
 
-    def backward(self, dout: Tensor) -> Tensor:
+    def backward(self, dout: Any) -> Any:
         raise NotImplementedError(f"{type(self).__name__} does not implement backward")
 
-    def __call__(self, x: Tensor) -> Tensor:
-        return self.forward(x)
+    def __call__(self, *inputs: Any) -> Any:
+        """Run :meth:`forward` (call the module, ``layer(x)``, as in torch: calling ``forward`` directly skips the
+        bookkeeping that lets :meth:`backward` check it has exactly one forward to go with) and the forward hooks."""
+        state = self.__dict__
+        saving = torch.is_grad_enabled()
+        try:
+            out = self.forward(*inputs)
+        except BaseException:
+            if saving:  # forget what a failed pass saved
+                state["_saved"], state["_pending"] = None, 0
+            raise
+        if saving:
+            state["_pending"] += 1
+            state["_out_meta"] = (out.shape, out.dtype, out.device) if isinstance(out, Tensor) else None
+        for hook in state["_forward_hooks"].values():
+            result = hook(self, inputs, out)
+            if result is not None:
+                out = result
+        return out
 
-    def _pop_cache(self) -> Any:
-        """Return what forward saved for backward, and forget it; raise if there is nothing to use."""
-        cache = self._cache
-        if cache is None:
+    def save_for_backward(self, *values: Any) -> None:
+        """Keep what :meth:`backward` needs (tensors, or any values), replacing what an earlier forward kept. Under
+        ``torch.no_grad()`` nothing is kept, as in torch."""
+        if torch.is_grad_enabled():
+            self.__dict__["_saved"] = values
+
+    @property
+    def saved_tensors(self) -> tuple[Any, ...]:
+        """What the last :meth:`forward` passed to :meth:`save_for_backward`, for :meth:`backward` to use."""
+        saved = self.__dict__["_saved"]
+        if saved is None:
+            raise RuntimeError(f"{self.name}: nothing was saved for backward; call save_for_backward(...) in forward, "
+                               "and run forward (with gradients enabled, outside torch.no_grad()) before backward")
+        return saved
+
+    def _refuse_backward(self) -> None:
+        pending = self.__dict__["_pending"]
+        self._release_saved()
+        if pending == 0:
             raise RuntimeError(
-                f"{self._name()}.backward() called without a forward() to go with it: backward needs the values that "
-                "forward saves, and each forward serves one backward. Call forward(x) first."
+                f"{self.name}.backward() called without a forward() to go with it: backward needs the values that "
+                "forward saves, and each forward serves one backward. Call forward(x) first (a forward under "
+                "torch.no_grad() saves nothing, as in torch)."
             )
-        object.__setattr__(self, "_cache", None)
-        return cache
+        raise RuntimeError(
+            f"{self.name}.backward() after {pending} forward passes: each forward replaces the tensors saved for "
+            "backward, so this gradient would be computed with the last batch's values. Call backward right after "
+            "the forward it belongs to, and run passes that need no backward (logging, evaluation) under "
+            "torch.no_grad(), which saves nothing. The saved tensors were released; run forward again."
+        )
 
-    def _save_for_backward(self, *values: Any) -> None:
-        object.__setattr__(self, "_cache", values)
+    def _release_saved(self) -> None:
+        """Forget what forward saved here and in the children, without a backward (e.g. a container that does not
+        need this module's ``dx``)."""
+        for m in self.modules():
+            m.__dict__["_saved"], m.__dict__["_pending"] = None, 0
+
+    def _check_dout(self, dout: Any) -> None:
+        meta = self.__dict__["_out_meta"]
+        if meta is None:
+            return
+        shape, dtype, device = meta
+        if not isinstance(dout, Tensor):
+            raise ValueError(f"{self.name}.backward: dout must be a tensor shaped like the output {tuple(shape)}, "
+                             f"got {type(dout).__name__}")
+        if dout.shape != shape or dout.dtype != dtype or dout.device != device:
+            raise ValueError(
+                f"{self.name}.backward: dout must match the output of forward, shape {tuple(shape)} {dtype} on "
+                f"{device}; got shape {tuple(dout.shape)} {dout.dtype} on {dout.device}. dout is d loss / d output."
+            )
+
+    def scratch(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor | None:
+        """A tensor of ``shape`` (``like``'s dtype and device) from the fast layout's workspace, for an op to write its
+        result into (``out=``, ``dx=``); ``None`` when no workspace is bound or under ``torch.no_grad()`` (the op
+        then allocates). Its content is undefined, and the same memory comes back at every step."""
+        state = self.__dict__
+        workspace = state["_workspace"]
+        if workspace is None or not torch.is_grad_enabled():
+            return None
+        view = state["_scratch"].get((name, shape))
+        return view if view is not None else workspace.get(self, name, shape, like)
 
     def check_input(self, x: Any, *, ndim: int | None = None, features: int | None = None) -> None:
         """Raise a ``ValueError`` naming this module, what it expected and what it got, unless ``x`` is a
         floating-point tensor of rank ``ndim`` whose last dimension is ``features``, on the parameters' dtype and device.
         """
-        name = self._name()
+        if (isinstance(x, Tensor) and x.is_floating_point() and (ndim is None or x.dim() == ndim)
+                and (features is None or (x.dim() > 0 and x.shape[-1] == features))):
+            params = self._parameters
+            if not params:
+                return
+            p = params[next(iter(params))]
+            if x.dtype == p.dtype and x.device == p.device:
+                return
+        self._input_error(x, ndim, features)
+
+    def _input_error(self, x: Any, ndim: int | None, features: int | None) -> None:
         if not isinstance(x, Tensor):
-            raise ValueError(f"{name}: expected a torch.Tensor input, got {type(x).__name__}")
+            raise ValueError(f"{self.name}: expected a torch.Tensor input, got {type(x).__name__}")
         if not x.is_floating_point():
             raise ValueError(
-                f"{name}: expected a floating-point input, got dtype {x.dtype}. Convert it first, e.g. x.float() "
+                f"{self.name}: expected a floating-point input, got dtype {x.dtype}. Convert it first, e.g. x.float() "
                 "(uint8 images should also be scaled, e.g. x.float() / 255)."
             )
         if ndim is not None and x.dim() != ndim:
             expected = f"(N, {features})" if ndim == 2 and features is not None else f"rank {ndim}"
             raise ValueError(
-                f"{name}: expected input of shape {expected}, got shape {tuple(x.shape)} (rank {x.dim()}). "
+                f"{self.name}: expected input of shape {expected}, got shape {tuple(x.shape)} (rank {x.dim()}). "
                 "Flatten images with nnbackprop.Flatten() or add a batch dimension with x.unsqueeze(0)."
             )
         if features is not None and (x.dim() == 0 or x.shape[-1] != features):
             raise ValueError(
-                f"{name}: expected {features} input features, shape (N, {features}), got shape {tuple(x.shape)}"
+                f"{self.name}: expected {features} input features, shape (N, {features}), got shape {tuple(x.shape)}"
             )
-        p = next(iter(self._parameters.values()), None)
-        if p is not None and x.dtype != p.data.dtype:
+        p = next(iter(self._parameters.values()))
+        if x.dtype != p.dtype:
             raise ValueError(
-                f"{name}: input dtype {x.dtype} differs from the parameters' {p.data.dtype}. Cast the input "
-                f"(x.to({p.data.dtype})) or the model (model.to(dtype={x.dtype}))."
+                f"{self.name}: input dtype {x.dtype} differs from the parameters' {p.dtype}. Cast the input "
+                f"(x.to({p.dtype})) or the model (model.to(dtype={x.dtype}))."
             )
-        if p is not None and x.device != p.data.device:
-            raise ValueError(
-                f"{name}: input is on {x.device} but the parameters are on {p.data.device}. Move one of them, "
-                f"e.g. x.to('{p.data.device}') or model.to('{x.device}')."
-            )
+        raise ValueError(
+            f"{self.name}: input is on {x.device} but the parameters are on {p.device}. Move one of them, "
+            f"e.g. x.to('{p.device}') or model.to('{x.device}')."
+        )
 
+    # ------------------------------------------------------------------ hooks
+    def register_forward_hook(self, hook: Callable[["Module", tuple, Any], Any]) -> RemovableHandle:
+        """Call ``hook(module, inputs, output)`` after every ``module(...)`` call (a non-``None`` result replaces the
+        output), as ``torch.nn.Module.register_forward_hook``."""
+        handle = RemovableHandle(self._forward_hooks)
+        self._forward_hooks[handle.id] = hook
+        return handle
+
+    def register_full_backward_hook(self, hook: Callable[["Module", tuple, tuple], None]) -> RemovableHandle:
+        """Call ``hook(module, (dx,), (dout,))`` after every ``backward``, as torch's full backward hooks
+        (``grad_input``, ``grad_output``); ``dx`` is ``None`` where the input gradient was not needed."""
+        handle = RemovableHandle(self._backward_hooks)
+        self._backward_hooks[handle.id] = hook
+        return handle
+
+    # ------------------------------------------------------------------ checking
     def reference_forward(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         """The forward computation written with autograd-traceable torch ops, for the gradient checker.
 
         ``params`` maps this module's parameter names to tensors that stand in for them (they may require grad).
         The default runs :meth:`forward` itself with the parameters swapped in, so a user's layer is checked against
         autograd through its own forward. Built-in layers override this with ``torch.nn.functional`` so that a wrong
-        forward is caught too.
+        forward is caught too. Nothing the module saved or its workspace holds is changed.
         """
-        own = dict(self.named_parameters())
-        saved = {name: p.data for name, p in own.items()}
-        caches = [(m, m._cache) for m in self.modules()]
+        modules = list(self.named_modules())
+        saved = [(m, {k: m.__dict__[k] for k in ("_saved", "_pending", "_out_meta", "_workspace")}) for _, m in modules]
+        swapped = [(m, name, p, f"{mod_name}.{name}" if mod_name else name)
+                   for mod_name, m in modules for name, p in m._parameters.items()]
         try:
-            for name, p in own.items():
-                p.data = params[name]
+            for m, _ in saved:
+                m.__dict__["_workspace"] = None
+            for m, name, _, path in swapped:
+                object.__setattr__(m, name, params[path].as_subclass(_StandIn))
             return self.forward(x)
         finally:
-            for name, p in own.items():
-                p.data = saved[name]
-            for m, cache in caches:
-                object.__setattr__(m, "_cache", cache)
+            for m, name, p, _ in swapped:
+                object.__setattr__(m, name, p)
+            for m, state in saved:
+                m.__dict__.update(state)
 
     def to_torch(self) -> torch.nn.Module:
         """Return the equivalent ``torch.nn`` module, holding copies of this module's parameters and buffers."""
@@ -208,25 +382,42 @@ class Module:
     def train(self, mode: bool = True) -> "Module":
         """Set training mode (dropout active, batch norm on batch statistics) on this module and its children."""
         for m in self.modules():
-            object.__setattr__(m, "training", mode)
+            m.__dict__["training"] = mode
         return self
 
     def eval(self) -> "Module":
         """Set evaluation mode: dropout off, batch norm on running statistics."""
         return self.train(False)
 
+    @torch.no_grad()
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Module":
-        """Move parameters, gradients and floating-point buffers to ``device`` and/or cast them to ``dtype``, in place."""
+        """Move parameters, gradients and floating-point buffers to ``device`` and/or cast them to ``dtype``, in place.
+        A model bound to the fast layout leaves it (its parameters get storage of their own)."""
         if dtype is not None and not dtype.is_floating_point:
-            raise ValueError(f"{self._name()}.to(dtype={dtype}): parameters must be floating point")
+            raise ValueError(f"{self.name}.to(dtype={dtype}): parameters must be floating point")
+        moved = False
         for m in self.modules():
-            for p in m._parameters.values():
-                p.data = p.data.to(device=device, dtype=dtype)
-                if p.grad is not None:
-                    p.grad = p.grad.to(device=device, dtype=dtype)
+            for name, p in list(m._parameters.items()):
+                data = p.data.to(device=device, dtype=dtype)
+                if data.data_ptr() == p.data_ptr() and data.dtype == p.dtype and data.device == p.device:
+                    continue
+                moved = True
+                grad = None if p.grad is None else p.grad.to(device=device, dtype=dtype)
+                p.grad, p._grad_view = None, None
+                if torch._has_compatible_shallow_copy_type(p, data):
+                    p.data = data
+                else:  # e.g. to the meta device: a new Parameter, as torch.nn.Module.to makes then
+                    p = Parameter(data)
+                    m.__setattr__(name, p)
+                p.grad = grad
             for name, b in list(m._buffers.items()):
-                m._set_buffer(name, b.to(device=device, dtype=dtype if b.is_floating_point() else None))
-            object.__setattr__(m, "_cache", None)
+                moved_buffer = b.to(device=device, dtype=dtype if b.is_floating_point() else None)
+                if moved_buffer is not b:
+                    moved = True
+                    m.register_buffer(name, moved_buffer)
+        if moved:  # what forward saved, and the fast layout's buffers, are on the old device or dtype
+            for m in self.modules():
+                m.__dict__.update(_saved=None, _pending=0, _workspace=None, _scratch={})
         return self
 
     def state_dict(self) -> "OrderedDict[str, Tensor]":
@@ -235,53 +426,60 @@ class Module:
         for mod_name, mod in self.named_modules():
             prefix = f"{mod_name}." if mod_name else ""
             for name, p in mod._parameters.items():
-                state[prefix + name] = p.data.detach().clone()
+                state[prefix + name] = p.detach().clone()
             for name, b in mod._buffers.items():
                 state[prefix + name] = b.detach().clone()
         return state
 
+    @torch.no_grad()
     def load_state_dict(self, state_dict: Mapping[str, Tensor], strict: bool = True) -> None:
-        """Copy values from ``state_dict`` (ours or a ``torch.nn`` model's) into this module, keeping its dtype and device.
+        """Copy values from ``state_dict`` (ours or a ``torch.nn`` model's) into this module, keeping its dtype and
+        device, in place (so a model bound to the fast layout stays bound).
 
         Raises:
-            KeyError: with ``strict``, when keys are missing or unexpected (all are listed).
-            ValueError: when a tensor's shape differs from this module's.
+            RuntimeError: listing every missing or unexpected key (with ``strict``), non-tensor value and shape
+                mismatch, as ``torch.nn.Module.load_state_dict``; nothing is loaded then.
         """
-        own = OrderedDict(self.named_parameters())
-        buffers = {}
-        for mod_name, mod in self.named_modules():
-            for name in mod._buffers:
-                buffers[f"{mod_name}.{name}" if mod_name else name] = (mod, name)
-        missing = [k for k in list(own) + list(buffers) if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in own and k not in buffers]
-        if strict and (missing or unexpected):
-            raise KeyError(
-                f"load_state_dict into {self._name()}: missing keys {missing}, unexpected keys {unexpected}. "
-                "The state dict must come from a model of the same architecture."
-            )
+        targets: dict[str, Tensor] = dict(self.named_parameters())
+        targets.update(self.named_buffers())
+        problems = []
+        missing = [k for k in targets if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in targets]
+        if strict and missing:
+            problems.append(f"missing keys {missing}")
+        if strict and unexpected:
+            problems.append(f"unexpected keys {unexpected}")
         for key, value in state_dict.items():
-            if not isinstance(value, Tensor):
-                raise ValueError(f"load_state_dict: '{key}' holds a {type(value).__name__}, expected a tensor")
-            target = own[key].data if key in own else getattr(*buffers[key]) if key in buffers else None
-            if target is None:
+            if key not in targets:
                 continue
-            if target.shape != value.shape:
-                raise ValueError(
-                    f"load_state_dict: '{key}' has shape {tuple(value.shape)} in the state dict but "
-                    f"{tuple(target.shape)} in the model"
-                )
-            target.copy_(value.detach())
+            if not isinstance(value, Tensor):
+                problems.append(f"'{key}' holds a {type(value).__name__}, not a tensor")
+            elif value.shape != targets[key].shape:
+                problems.append(f"size mismatch for '{key}': {tuple(value.shape)} in the state dict, "
+                                f"{tuple(targets[key].shape)} in the model")
+        if problems:
+            raise RuntimeError(f"load_state_dict into {self.name}: {'; '.join(problems)}. The state dict must come "
+                               "from a model of the same architecture.")
+        for key, value in state_dict.items():
+            if key in targets:
+                targets[key].copy_(value.detach())
 
     # ------------------------------------------------------------------ display
-    def _name(self) -> str:
-        return f"{type(self).__name__}({self.extra_repr()})"
+    @property
+    def name(self) -> str:
+        """How errors and reports name this module: ``Type(settings)`` unless a name was assigned."""
+        return self.__dict__["_custom_name"] or f"{type(self).__name__}({self.extra_repr()})"
+
+    @name.setter
+    def name(self, value: str) -> None:
+        self.__dict__["_custom_name"] = value
 
     def extra_repr(self) -> str:
         return ""
 
     def __repr__(self) -> str:
         if not self._modules:
-            return self._name()
+            return self.name
         lines = [f"{type(self).__name__}("]
         for name, child in self._modules.items():
             child_repr = repr(child).replace("\n", "\n  ")

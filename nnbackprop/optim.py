@@ -1,45 +1,172 @@
-"""Stochastic gradient descent with momentum, Nesterov momentum and weight decay, shaped like ``torch.optim.SGD``.
+r"""Optimizers written by hand — SGD (momentum, Nesterov, weight decay), Adam and AdamW — as ``torch.optim.Optimizer`` s.
 
-The optimizer reads ``param.grad`` (filled by the hand-written backward passes) and updates ``param.data`` in place
-with plain tensor ops; no autograd graph is involved. Full-batch gradient descent is this optimizer with one batch
-holding the whole data set.
+Each optimizer reads ``param.grad`` (filled by the hand-written backward passes) and updates the parameters in place
+with plain tensor ops; no autograd graph is involved. Being ``torch.optim.Optimizer`` subclasses, they work with every
+``torch.optim.lr_scheduler``, step hooks, and ``state_dict``/``load_state_dict`` in torch's format, interchangeable
+with ``torch.optim.SGD``/``Adam``/``AdamW``'s (the same state names).
+
+Each update rule is written once, as a function of one parameter tensor, its gradient and its state (``_sgd``,
+``_adam``), with the hyperparameters as 0-dim tensors on the parameter's device. :meth:`Optimizer.step` applies it to
+each parameter in turn or, when the fast layout has put a group's parameters, gradients and state into flat tensors
+(:mod:`nnbackprop.layout`), once to those flat tensors: the same rule, one pass over memory, and — the hyperparameters
+being device tensors — capturable in a CUDA graph, where a schedule's new learning rate needs no recapture.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
-from typing import Any, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
+import torch.optim.optimizer as torch_optimizer
 from torch import Tensor
 
-from .module import Parameter
+if TYPE_CHECKING:
+    from nnbackprop.layout import FlatParameters
 
-_HYPERPARAMETERS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "foreach")
-
-
-def _check_hyperparameters(
-    lr: Any, momentum: Any, dampening: Any, weight_decay: Any, nesterov: Any, foreach: Any
-) -> None:
-    """Raise ``ValueError`` naming the first invalid hyperparameter (``torch.optim.SGD``'s rules, plus finiteness)."""
-    for name, value in (("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay)):
-        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"Invalid {name}: {value!r}. SGD needs a finite number >= 0 for {name}.")
-    if not isinstance(dampening, numbers.Real) or isinstance(dampening, bool) or not math.isfinite(dampening):
-        raise ValueError(f"Invalid dampening: {dampening!r}. SGD needs a finite number for dampening.")
-    if not isinstance(nesterov, bool):
-        raise ValueError(f"Invalid nesterov: {nesterov!r}. Pass True or False.")
-    if nesterov and (momentum <= 0 or dampening != 0):
-        raise ValueError(
-            f"Nesterov momentum requires a momentum > 0 and zero dampening (got momentum={momentum}, "
-            f"dampening={dampening}). Set momentum > 0 and dampening=0, or nesterov=False."
-        )
-    if foreach not in (None, True, False):
-        raise ValueError(f"Invalid foreach: {foreach!r}. Pass None (automatic), True or False.")
+# hooks registered with torch.optim.optimizer.register_optimizer_step_{pre,post}_hook, which step() runs for every
+# optimizer
+_GLOBAL_PRE_HOOKS = getattr(torch_optimizer, "_global_optimizer_pre_hooks", {})
+_GLOBAL_POST_HOOKS = getattr(torch_optimizer, "_global_optimizer_post_hooks", {})
 
 
-class SGD:
+def _check_number(name: str, value: Any, *, minimum: float | None = 0.0, below: float | None = None) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (minimum is not None and value < minimum) or (below is not None and value >= below):
+        bounds = [f">= {minimum:g}" for _ in range(minimum is not None)] + [f"< {below:g}" for _ in range(
+            below is not None)]
+        raise ValueError(f"Invalid {name}: {value!r}; it must be a finite number"
+                         + (" " + " and ".join(bounds) if bounds else ""))
+
+
+class Optimizer(torch.optim.Optimizer):
+    """Base of the hand-written optimizers: applies a subclass's rule (:meth:`_update`) per parameter, or once to the
+    flat tensors of the fast layout.
+
+    Subclasses implement ``_scalars(group)`` (the floats the rule needs, which become 0-dim device tensors refreshed
+    when they change), ``_update(group, param, grad, state, scalars)`` (the rule, in place) and ``_structure(group)``
+    (which branches the rule takes: a CUDA graph holds one).
+
+    Attributes:
+        flat: the :class:`~nnbackprop.layout.FlatParameters` the fast step bound to this optimizer, else ``None``.
+    """
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+        self.flat: FlatParameters | None = None
+        self._scalar_tensors: dict[tuple, tuple[tuple[float, ...], tuple[Tensor, ...]]] = {}
+
+    def _scalars(self, group: dict[str, Any]) -> tuple[float, ...]:
+        raise NotImplementedError
+
+    def _update(self, group: dict[str, Any], param: Tensor, grad: Tensor, state: dict[str, Any],
+                scalars: tuple[Tensor, ...]) -> None:
+        raise NotImplementedError
+
+    def _structure(self, group: dict[str, Any]) -> tuple:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Update every parameter that has a gradient by one step of the rule, in place; returns ``closure()``."""
+        loss = closure() if closure is not None else None
+        self.update()
+        return loss
+
+    def update(self) -> None:
+        """The update of :meth:`step` alone: without torch's profiler annotation, step hooks and grad-mode switch
+        around it (the fast step calls it when no hooks are registered)."""
+        self._opt_called = True  # what torch.optim.lr_scheduler checks to know the optimizer stepped
+        for index, group in enumerate(self.param_groups):
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            if not with_grad:
+                continue
+            flat = self.flat
+            if flat is not None and flat.holds(index, with_grad):
+                scalars = self._scalar_tensors_for(group, flat.data)
+                self._update(group, flat.data, flat.grad, flat.adopt_state(self.state), scalars)
+                flat.share_state(self.state)
+                continue
+            for p in with_grad:
+                if p.grad.shape != p.shape or p.grad.dtype != p.dtype or p.grad.device != p.device:
+                    raise RuntimeError(f"{type(self).__name__}.step: a parameter of shape {tuple(p.shape)} ({p.dtype}, "
+                                       f"{p.device}) has a gradient of shape {tuple(p.grad.shape)} ({p.grad.dtype}, "
+                                       f"{p.grad.device}); was the model moved (.to) after backward?")
+                state = self.state.get(p)
+                fresh = state is None
+                state = {} if fresh else state
+                self._update(group, p, p.grad, state, self._scalar_tensors_for(group, p))
+                if fresh and state:  # as torch: a parameter has state once its rule keeps some
+                    self.state[p] = state
+
+    def has_hooks(self) -> bool:
+        """Whether step hooks (this optimizer's or global ones) must run around the update."""
+        return bool(self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _GLOBAL_PRE_HOOKS
+                    or _GLOBAL_POST_HOOKS)
+
+    def _scalar_tensors_for(self, group: dict[str, Any], like: Tensor) -> tuple[Tensor, ...]:
+        """The rule's scalars as 0-dim tensors on ``like``'s device and dtype, refreshed in place (``fill_``, no
+        sync) when the group's hyperparameters change — except while a CUDA graph is being captured, which must read
+        whatever they hold at replay."""
+        key = (id(group), like.device, like.dtype)
+        values = self._scalars(group)
+        entry = self._scalar_tensors.get(key)
+        if entry is None:
+            tensors = tuple(torch.tensor(values, dtype=like.dtype, device=like.device).unbind())
+            self._scalar_tensors[key] = (values, tensors)
+            return tensors
+        old, tensors = entry
+        if values != old and not (like.is_cuda and torch.cuda.is_current_stream_capturing()):
+            for tensor, value, before in zip(tensors, values, old):
+                if value != before:
+                    tensor.fill_(value)
+            self._scalar_tensors[key] = (values, tensors)
+        return tensors
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's format; a 0-dim state tensor the fast layout shares between parameters (Adam's ``step``) is
+        given to each parameter as a copy of its own, as torch's optimizers keep it."""
+        state_dict = super().state_dict()
+        for entry in state_dict["state"].values():
+            for name, value in entry.items():
+                if isinstance(value, Tensor) and value.dim() == 0:
+                    entry[name] = value.clone()
+        return state_dict
+
+    def refresh_scalars(self) -> None:
+        """Bring the device copies of the hyperparameters up to date without a step (before a CUDA graph replay)."""
+        if self.flat is not None:
+            for index, group in enumerate(self.param_groups):
+                if self.flat.holds_group(index):
+                    self._scalar_tensors_for(group, self.flat.data)
+
+    def structure(self) -> tuple:
+        """Which branches the rule takes for each group, and whether the state exists yet: one CUDA graph each."""
+        return tuple(self._structure(group) for group in self.param_groups) + (len(self.state),)
+
+
+# --------------------------------------------------------------------------------------------------------------- SGD
+
+
+def _sgd(param: Tensor, grad: Tensor, state: dict[str, Any], scalars: tuple[Tensor, ...], *, momentum: float,
+         dampening: float, weight_decay: float, nesterov: bool) -> None:
+    """One SGD step of one tensor, in place (see :class:`SGD`); ``scalars`` are ``(−γ, μ, 1 − τ, λ)``."""
+    neg_lr, mu, keep, decay = scalars
+    if weight_decay != 0:
+        grad = torch.addcmul(grad, param, decay)  # g + λ θ
+    if momentum != 0:
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = grad.clone(memory_format=torch.contiguous_format)
+        elif dampening == 0:
+            torch.addcmul(grad, buf, mu, out=buf)  # μ b + g, one pass
+        else:
+            buf.mul_(mu).addcmul_(grad, keep)  # μ b + (1 − τ) g
+        grad = torch.addcmul(grad, buf, mu) if nesterov else buf
+    param.addcmul_(grad, neg_lr)  # θ − γ g
+
+
+class SGD(Optimizer):
     r"""Implements stochastic gradient descent (optionally with momentum), exactly as ``torch.optim.SGD``.
 
     .. math::
@@ -58,30 +185,15 @@ class SGD:
     "First step" is per parameter: a parameter's momentum buffer :math:`b` starts as its first gradient, so dampening
     applies from its second update on. Parameters whose ``grad`` is ``None`` are skipped (no update, no state).
 
-    Two implementations compute the same update:
-
-    * the per-parameter loop (``foreach=False``), the reference: a few tensor ops per parameter;
-    * the multi-tensor path (``foreach=True``): the parameters are grouped by device and dtype and each group is updated
-      with ``torch._foreach_*`` ops, at most five kernel launches per group and step, whatever the number of parameters.
-
-    ``foreach=None`` (the default) picks the multi-tensor path when every parameter with a gradient is on CUDA, the
-    rule ``torch.optim`` follows: there the launches saved matter, while on CPU the foreach ops fall back to a
-    per-tensor loop and gain nothing.
-
     Args:
-        params: the parameters to optimize, e.g. ``model.parameters()``.
-        lr: learning rate :math:`\gamma` (>= 0). Read from ``param_groups[0]['lr']`` at every step, so a schedule can
-            change it.
+        params: the parameters to optimize (e.g. ``model.parameters()``), or parameter groups (dicts), as in torch.
+        lr: learning rate :math:`\gamma` (>= 0). Read at every step, so a ``torch.optim.lr_scheduler`` can change it.
         momentum: momentum factor :math:`\mu` (>= 0, default 0).
         dampening: dampening :math:`\tau` for momentum (default 0).
         weight_decay: L2 penalty :math:`\lambda` (>= 0, default 0).
         nesterov: use Nesterov momentum; needs ``momentum > 0`` and ``dampening == 0`` (default False).
-        foreach: ``True`` for the multi-tensor path, ``False`` for the loop, ``None`` to choose as described above.
 
-    Attributes:
-        param_groups: a list holding one dict with the hyperparameters above and ``'params'`` (the parameter list),
-            as in ``torch.optim``.
-        state: maps a parameter to its state, ``{'momentum_buffer': tensor}`` once it has taken a step with momentum.
+    State: ``state[p]['momentum_buffer']`` once ``p`` has taken a step with momentum (torch's name).
 
     Example:
         >>> optimizer = SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -90,238 +202,135 @@ class SGD:
         >>> optimizer.step()
     """
 
-    def __init__(
-        self,
-        params: Iterable[Parameter],
-        lr: float,
-        momentum: float = 0.0,
-        dampening: float = 0.0,
-        weight_decay: float = 0.0,
-        nesterov: bool = False,
-        foreach: bool | None = None,
-    ) -> None:
-        _check_hyperparameters(lr, momentum, dampening, weight_decay, nesterov, foreach)
-        if isinstance(params, (Parameter, Tensor)):
-            raise TypeError("SGD expects an iterable of Parameters, e.g. model.parameters(), not a single one")
-        params = list(params)
-        if not params:
-            raise ValueError("SGD got an empty parameter list: pass model.parameters() of a model that has parameters")
-        for p in params:
-            if not isinstance(p, Parameter):
-                raise TypeError(
-                    f"SGD expects nnbackprop Parameters (model.parameters()), got a {type(p).__name__}"
-                )
-        if len({id(p) for p in params}) != len(params):
-            raise ValueError("SGD got the same parameter more than once; pass each parameter once")
-        self.param_groups: list[dict[str, Any]] = [
-            {
-                "params": params,
-                "lr": lr,
-                "momentum": momentum,
-                "dampening": dampening,
-                "weight_decay": weight_decay,
-                "nesterov": nesterov,
-                "foreach": foreach,
-            }
-        ]
-        self.state: dict[Parameter, dict[str, Tensor]] = {}
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False) -> None:
+        _check_number("lr", lr)
+        _check_number("momentum", momentum)
+        _check_number("dampening", dampening, minimum=None)
+        _check_number("weight_decay", weight_decay)
+        if not isinstance(nesterov, bool):
+            raise ValueError(f"Invalid nesterov: {nesterov!r}; pass True or False")
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError(f"Nesterov momentum requires a momentum > 0 and zero dampening (got momentum={momentum}, "
+                             f"dampening={dampening}); set momentum > 0 and dampening=0, or nesterov=False")
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                      nesterov=nesterov))
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Clear every parameter's gradient (to ``None``, or to zeros in place with ``set_to_none=False``)."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if set_to_none:
-                    p.grad = None
-                elif p.grad is not None:
-                    p.grad.zero_()
+    def _scalars(self, group: dict[str, Any]) -> tuple[float, ...]:
+        return (-float(group["lr"]), float(group["momentum"]), 1.0 - group["dampening"], float(group["weight_decay"]))
 
-    @torch.no_grad()
-    def step(self) -> None:
-        """Update every parameter that has a gradient by one step of the rule above, in place."""
-        for group in self.param_groups:
-            with_grad = [p for p in group["params"] if p.grad is not None]
-            for p in with_grad:
-                if p.grad.shape != p.data.shape or p.grad.dtype != p.data.dtype or p.grad.device != p.data.device:
-                    raise RuntimeError(
-                        f"SGD.step: {p} has a gradient of shape {tuple(p.grad.shape)}, dtype {p.grad.dtype}, device "
-                        f"{p.grad.device}; it must match the parameter. Was the model moved (.to) after backward?"
-                    )
-            if not with_grad:
-                continue
-            momentum = group["momentum"]
-            buffers = [self.state.get(p, {}).get("momentum_buffer") if momentum != 0 else None for p in with_grad]
-            foreach = group["foreach"]
-            if foreach is None:
-                foreach = all(p.data.device.type == "cuda" for p in with_grad)
-            update = _multi_tensor_sgd if foreach else _single_tensor_sgd
-            update(
-                [p.data for p in with_grad],
-                [p.grad for p in with_grad],
-                buffers,
-                lr=group["lr"],
-                momentum=momentum,
-                dampening=group["dampening"],
-                weight_decay=group["weight_decay"],
-                nesterov=group["nesterov"],
-            )
-            if momentum != 0:
-                for p, buffer in zip(with_grad, buffers):
-                    self.state.setdefault(p, {})["momentum_buffer"] = buffer
+    def _structure(self, group: dict[str, Any]) -> tuple:
+        return (group["momentum"] != 0, group["dampening"] != 0, group["weight_decay"] != 0, group["nesterov"])
 
-    # ------------------------------------------------------------------ state
-    def state_dict(self) -> dict[str, Any]:
-        """The optimizer state in ``torch.optim``'s format, with parameters replaced by their positions.
-
-        Returns:
-            ``{'state': {index: {'momentum_buffer': tensor}}, 'param_groups': [{hyperparameters..., 'params':
-            [indices]}]}``, where ``index`` counts the parameters in order across groups. The buffers are copies, so
-            the result is a snapshot that later steps do not change.
-        """
-        index: dict[Parameter, int] = {}
-        groups = []
-        for group in self.param_groups:
-            packed = {k: v for k, v in group.items() if k != "params"}
-            packed["params"] = [index.setdefault(p, len(index)) for p in group["params"]]
-            groups.append(packed)
-        state = {
-            index[p]: {k: v.clone() for k, v in entry.items()}
-            for p, entry in sorted(self.state.items(), key=lambda item: index[item[0]])
-        }
-        return {"state": state, "param_groups": groups}
-
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore hyperparameters and momentum buffers saved by :meth:`state_dict`.
-
-        The buffers are copied to the device and dtype of the parameters they belong to. Everything is checked before
-        anything changes, so a failed load leaves the optimizer as it was.
-
-        Raises:
-            ValueError: when the state dict is malformed or belongs to a different set of parameters (another number
-                of parameters, or a buffer whose shape differs from its parameter's).
-        """
-        if not isinstance(state_dict, Mapping) or set(state_dict) != {"state", "param_groups"}:
-            found = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict).__name__
-            raise ValueError(
-                f"SGD.load_state_dict expects a dict with keys 'state' and 'param_groups' "
-                f"(from SGD.state_dict()), got {found}"
-            )
-        saved_groups = state_dict["param_groups"]
-        if not isinstance(saved_groups, (list, tuple)) or len(saved_groups) != len(self.param_groups):
-            n_saved = len(saved_groups) if isinstance(saved_groups, (list, tuple)) else saved_groups
-            raise ValueError(
-                f"SGD.load_state_dict: the state dict has {n_saved} parameter groups, this optimizer "
-                f"{len(self.param_groups)}"
-            )
-        by_index: dict[Any, Parameter] = {}
-        new_hyperparameters = []
-        for g, (own, saved) in enumerate(zip(self.param_groups, saved_groups)):
-            expected = set(_HYPERPARAMETERS) | {"params"}
-            if not isinstance(saved, Mapping) or set(saved) != expected:
-                found = sorted(saved) if isinstance(saved, Mapping) else type(saved).__name__
-                raise ValueError(
-                    f"SGD.load_state_dict: parameter group {g} must have keys {sorted(expected)}, got {found}"
-                )
-            if len(saved["params"]) != len(own["params"]):
-                raise ValueError(
-                    f"SGD.load_state_dict: parameter group {g} has {len(saved['params'])} parameters in the state "
-                    f"dict but {len(own['params'])} in this optimizer. The state dict must come from an optimizer "
-                    "over a model of the same architecture."
-                )
-            _check_hyperparameters(*(saved[k] for k in _HYPERPARAMETERS))
-            new_hyperparameters.append({k: saved[k] for k in _HYPERPARAMETERS})
-            by_index.update(zip(saved["params"], own["params"]))
-
-        new_state: dict[Parameter, dict[str, Tensor]] = {}
-        for index, entry in state_dict["state"].items():
-            if index not in by_index:
-                raise ValueError(
-                    f"SGD.load_state_dict: the state dict has state for parameter {index!r}, which no parameter group "
-                    "lists"
-                )
-            p = by_index[index]
-            if not isinstance(entry, Mapping) or set(entry) != {"momentum_buffer"}:
-                found = sorted(entry) if isinstance(entry, Mapping) else type(entry).__name__
-                raise ValueError(
-                    f"SGD.load_state_dict: the state of parameter {index} must be {{'momentum_buffer': tensor}}, "
-                    f"got {found}"
-                )
-            buffer = entry["momentum_buffer"]
-            if not isinstance(buffer, Tensor) or buffer.shape != p.data.shape:
-                found = tuple(buffer.shape) if isinstance(buffer, Tensor) else type(buffer).__name__
-                raise ValueError(
-                    f"SGD.load_state_dict: the momentum buffer of parameter {index} is {found} but the parameter has "
-                    f"shape {tuple(p.data.shape)}. The state dict must come from a model of the same architecture."
-                )
-            new_state[p] = {"momentum_buffer": buffer.detach().to(p.data.device, p.data.dtype, copy=True)}
-
-        for group, hyperparameters in zip(self.param_groups, new_hyperparameters):
-            group.update(hyperparameters)
-        self.state = new_state
-
-    def __repr__(self) -> str:
-        group = self.param_groups[0]
-        settings = ", ".join(f"{k}={group[k]}" for k in _HYPERPARAMETERS)
-        return f"SGD({settings})"
+    def _update(self, group: dict[str, Any], param: Tensor, grad: Tensor, state: dict[str, Any],
+                scalars: tuple[Tensor, ...]) -> None:
+        _sgd(param, grad, state, scalars, momentum=group["momentum"], dampening=group["dampening"],
+             weight_decay=group["weight_decay"], nesterov=group["nesterov"])
 
 
-def _single_tensor_sgd(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    *,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-) -> None:
-    """The reference update, one parameter at a time. Updates ``params`` in place and fills ``momentum_buffers``."""
-    for i, (param, grad) in enumerate(zip(params, grads)):
-        if weight_decay != 0:
-            grad = grad.add(param, alpha=weight_decay)
-        if momentum != 0:
-            buffer = momentum_buffers[i]
-            if buffer is None:
-                buffer = momentum_buffers[i] = grad.clone()
-            else:
-                buffer.mul_(momentum).add_(grad, alpha=1 - dampening)
-            grad = grad.add(buffer, alpha=momentum) if nesterov else buffer
-        param.add_(grad, alpha=-lr)
+# -------------------------------------------------------------------------------------------------------------- Adam
 
 
-def _multi_tensor_sgd(
-    params: list[Tensor],
-    grads: list[Tensor],
-    momentum_buffers: list[Tensor | None],
-    *,
-    lr: float,
-    momentum: float,
-    dampening: float,
-    weight_decay: float,
-    nesterov: bool,
-) -> None:
-    """The same update as :func:`_single_tensor_sgd` with ``torch._foreach_*`` ops, one set per device and dtype."""
-    by_device_and_dtype: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-    for i, param in enumerate(params):
-        by_device_and_dtype.setdefault((param.device, param.dtype), []).append(i)
+def _adam(param: Tensor, grad: Tensor, state: dict[str, Any], scalars: tuple[Tensor, ...], *, weight_decay: float,
+          decoupled: bool, amsgrad: bool) -> None:
+    """One Adam (or AdamW, ``decoupled``) step of one tensor, in place (see :class:`Adam`); ``scalars`` are
+    ``(γ, β1, β2, ε, λ)``."""
+    lr, beta1, beta2, eps, decay = scalars
+    if not state:
+        state["step"] = torch.zeros((), dtype=param.dtype, device=param.device)
+        state["exp_avg"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+        state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+        if amsgrad:
+            state["max_exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
+    step, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
+    step.add_(1)  # t
+    if weight_decay != 0:
+        if decoupled:
+            param.mul_(1 - lr * decay)  # θ ← θ (1 − γ λ)
+        else:
+            grad = torch.addcmul(grad, param, decay)  # g + λ θ
+    m.lerp_(grad, 1 - beta1)  # m ← β1 m + (1 − β1) g
+    v.lerp_(grad * grad, 1 - beta2)  # v ← β2 v + (1 − β2) g²
+    if amsgrad:
+        v = torch.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])  # v̂max ← max(v̂max, v)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    denom = (v.sqrt() / bias_correction2.sqrt()).add_(eps)  # √(v / (1 − β2^t)) + ε
+    param.addcdiv_(m * (-lr / bias_correction1), denom)  # θ − γ m / ((1 − β1^t) denom)
 
-    for indices in by_device_and_dtype.values():
-        group_params = [params[i] for i in indices]
-        group_grads = [grads[i] for i in indices]
-        if weight_decay != 0:
-            group_grads = torch._foreach_add(group_grads, group_params, alpha=weight_decay)
-        if momentum != 0:
-            buffers = [momentum_buffers[i] for i in indices]
-            started = [k for k, buffer in enumerate(buffers) if buffer is not None]
-            if started:
-                started_buffers = [buffers[k] for k in started]
-                torch._foreach_mul_(started_buffers, momentum)
-                torch._foreach_add_(started_buffers, [group_grads[k] for k in started], alpha=1 - dampening)
-            for k, i in enumerate(indices):
-                if buffers[k] is None:
-                    buffers[k] = momentum_buffers[i] = group_grads[k].clone()
-            if nesterov:
-                group_grads = torch._foreach_add(group_grads, buffers, alpha=momentum)
-            else:
-                group_grads = buffers
-        torch._foreach_add_(group_params, group_grads, alpha=-lr)
+
+class Adam(Optimizer):
+    r"""Implements Adam, exactly as ``torch.optim.Adam`` (L2 weight decay added to the gradient).
+
+    .. math::
+        \begin{aligned}
+            &\textbf{input}: \gamma \text{ (lr)},\ \beta_1, \beta_2 \text{ (betas)},\ \theta_0 \text{ (params)},
+                \ \lambda \text{ (weight decay)},\ \epsilon,\ \textit{amsgrad} \\
+            &m_0 \leftarrow 0,\ v_0 \leftarrow 0,\ \hat v^{max}_0 \leftarrow 0 \\
+            &\textbf{for}\ t = 1, 2, \ldots\ \textbf{do} \\
+            &\quad g_t \leftarrow \nabla_\theta f_t(\theta_{t-1}) \\
+            &\quad \textbf{if}\ \lambda \neq 0:\ g_t \leftarrow g_t + \lambda \theta_{t-1} \\
+            &\quad m_t \leftarrow \beta_1 m_{t-1} + (1 - \beta_1) g_t \\
+            &\quad v_t \leftarrow \beta_2 v_{t-1} + (1 - \beta_2) g_t^2 \\
+            &\quad \hat m_t \leftarrow m_t / (1 - \beta_1^t) \\
+            &\quad \textbf{if amsgrad}:\ \hat v^{max}_t \leftarrow \max(\hat v^{max}_{t-1}, v_t),
+                \ \hat v_t \leftarrow \hat v^{max}_t / (1 - \beta_2^t)
+                \quad \textbf{else}:\ \hat v_t \leftarrow v_t / (1 - \beta_2^t) \\
+            &\quad \theta_t \leftarrow \theta_{t-1} - \gamma \hat m_t / (\sqrt{\hat v_t} + \epsilon)
+        \end{aligned}
+
+    Args:
+        params: the parameters to optimize, or parameter groups (dicts), as in torch.
+        lr: learning rate :math:`\gamma` (default 1e-3).
+        betas: :math:`(\beta_1, \beta_2)`, each in ``[0, 1)`` (default (0.9, 0.999)).
+        eps: :math:`\epsilon`, added to the denominator for stability (default 1e-8).
+        weight_decay: L2 penalty :math:`\lambda` (default 0).
+        amsgrad: use the maximum of the second-moment estimates (AMSGrad, default False).
+
+    State: ``state[p]`` holds ``step``, ``exp_avg`` (:math:`m`), ``exp_avg_sq`` (:math:`v`) and, with ``amsgrad``,
+    ``max_exp_avg_sq``: torch's names.
+    """
+
+    decoupled_weight_decay = False
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, amsgrad: bool = False) -> None:
+        _check_number("lr", lr)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"Invalid betas: {betas!r}; pass two numbers (beta1, beta2), each in [0, 1)")
+        _check_number("beta1", betas[0], below=1.0)
+        _check_number("beta2", betas[1], below=1.0)
+        _check_number("eps", eps)
+        _check_number("weight_decay", weight_decay)
+        if not isinstance(amsgrad, bool):
+            raise ValueError(f"Invalid amsgrad: {amsgrad!r}; pass True or False")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad))
+
+    def _scalars(self, group: dict[str, Any]) -> tuple[float, ...]:
+        beta1, beta2 = group["betas"]
+        return (float(group["lr"]), float(beta1), float(beta2), float(group["eps"]), float(group["weight_decay"]))
+
+    def _structure(self, group: dict[str, Any]) -> tuple:
+        return (group["weight_decay"] != 0, group["amsgrad"])
+
+    def _update(self, group: dict[str, Any], param: Tensor, grad: Tensor, state: dict[str, Any],
+                scalars: tuple[Tensor, ...]) -> None:
+        _adam(param, grad, state, scalars, weight_decay=group["weight_decay"],
+              decoupled=self.decoupled_weight_decay, amsgrad=group["amsgrad"])
+
+
+class AdamW(Adam):
+    r"""Implements AdamW, exactly as ``torch.optim.AdamW``: Adam with *decoupled* weight decay — the parameters shrink
+    by :math:`\theta_{t-1} \leftarrow \theta_{t-1} (1 - \gamma \lambda)` before the update, instead of :math:`\lambda
+    \theta` joining the gradient (and so the moment estimates). Arguments and state as :class:`Adam`, with
+    ``weight_decay`` defaulting to 1e-2 as in torch."""
+
+    decoupled_weight_decay = True
+
+    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad)
+
+
+OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+"""The optimizers by the names ``nnbackprop train --optimizer`` takes."""

@@ -6,8 +6,8 @@ import io
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from nnbackprop.checkpoint import atomic_write
-from nnbackprop.train import EpochMetrics
+from nnbackprop.files import atomic_write
+from nnbackprop.metrics import EpochMetrics
 
 INSTALL_HINT = "pip install 'nnbackprop[plot]' (or pip install matplotlib)"
 

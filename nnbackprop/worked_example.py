@@ -31,10 +31,11 @@ def seed_network(dtype: torch.dtype = torch.float64) -> Sequential:
     """The article's network with its initial weights: ``Linear(2, 2) → Sigmoid → Linear(2, 2) → Sigmoid``."""
     net = Sequential(Linear(2, 2, dtype=dtype), Sigmoid(), Linear(2, 2, dtype=dtype), Sigmoid())
     w = torch.tensor(WEIGHTS, dtype=dtype)
-    net[0].weight.data.copy_(w[:4].reshape(2, 2))
-    net[0].bias.data.fill_(HIDDEN_BIAS)
-    net[2].weight.data.copy_(w[4:].reshape(2, 2))
-    net[2].bias.data.fill_(OUTPUT_BIAS)
+    with torch.no_grad():
+        net[0].weight.copy_(w[:4].reshape(2, 2))
+        net[0].bias.fill_(HIDDEN_BIAS)
+        net[2].weight.copy_(w[4:].reshape(2, 2))
+        net[2].bias.fill_(OUTPUT_BIAS)
     return net
 
 
@@ -58,15 +59,18 @@ def run_worked_example(lr: float = LEARNING_RATE) -> WorkedExample:
     loss_fn = MSELoss("half_sum")
     x = torch.tensor([INPUT], dtype=torch.float64)  # (1, 2)
     t = torch.tensor([TARGET], dtype=torch.float64)  # (1, 2)
-    hidden = net[1](net[0](x))
-    out = net[3](net[2](hidden))
+    seen = {}
+    net[1].register_forward_hook(lambda module, inputs, output: seen.update(hidden=output.clone()))  # H1, H2
+    out = net(x)
+    hidden = seen["hidden"]
     loss = loss_fn(out, t)
     net.backward(loss_fn.backward())
     grads = {name: p.grad.clone() for name, p in net.named_parameters()}
     dE_dw5 = grads["2.weight"][0, 0].item()
-    for p in net.parameters():
-        p.data.sub_(lr * p.grad)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.sub_(lr * p.grad)
     return WorkedExample(
         H1=hidden[0, 0].item(), H2=hidden[0, 1].item(), Y1=out[0, 0].item(), Y2=out[0, 1].item(),
-        E=loss.item(), dE_dw5=dE_dw5, w5_after=net[2].weight.data[0, 0].item(), grads=grads,
+        E=loss.item(), dE_dw5=dE_dw5, w5_after=net[2].weight[0, 0].item(), grads=grads,
     )

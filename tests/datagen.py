@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from nnbackprop.data import MNIST_FILES
+from nnbackprop.datasets import MNIST_FILES
 
 
 def fake_images(n: int, shape: tuple[int, ...], seed: int = 0) -> Tensor:

@@ -1,53 +1,48 @@
-"""Atomic writes and checkpoint files: round trip, and clear errors for missing, truncated, garbage or foreign files."""
+"""Checkpoint files: round trip, and one clear error for a missing, truncated, corrupted, foreign or malformed file."""
 
 from __future__ import annotations
+
+import copy
+import hashlib
+import io
 
 import pytest
 import torch
 
 from nnbackprop import checkpoint as ckpt
-from nnbackprop.checkpoint import CHECKPOINT_KEYS, CheckpointError, atomic_write, load_checkpoint, save_checkpoint
+from nnbackprop.checkpoint import CHECKPOINT_KEYS, CheckpointError, load_checkpoint, save_checkpoint
+from nnbackprop.config import TrainConfig
+from nnbackprop.files import WriteError
 
 
 def _checkpoint(value: float = 1.0) -> dict:
-    state = {key: None for key in CHECKPOINT_KEYS}
-    state.update(model={"weight": torch.full((3, 2), value)}, epoch=1, history=[{"epoch": 1, "train_loss": value}])
-    return state
+    """A small checkpoint of the right structure."""
+    metrics = {"epoch": 1, "train_loss": value, "train_accuracy": 0.5, "val_loss": None, "val_accuracy": None,
+               "lr": 0.1, "seconds": 1.0, "samples_per_s": 10.0}
+    return {
+        "config": TrainConfig().to_dict(),
+        "data": {"name": "toy", "source": "here", "classes": ["a", "b"], "input_shape": [1, 2, 2], "mean": [0.5],
+                 "std": [0.25], "sizes": {"train": 4, "val": 0, "test": 2}},
+        "epoch": 1,
+        "model": {"weight": torch.full((300, 200), value)},
+        "best_model": None,
+        "optimizer": {"state": {}, "param_groups": []},
+        "scheduler": {},
+        "early_stopping": {"best_loss": float("inf"), "best_epoch": None, "bad_epochs": 0},
+        "rng": {"torch": torch.get_rng_state(), "cuda": None, "generators": [torch.get_rng_state()]},
+        "history": [metrics],
+        "run": {"device": "cpu", "world_size": 1, "elapsed_s": 1.0},
+    }
 
 
-def _leftovers(directory) -> list[str]:
-    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
-
-
-def test_atomic_write_creates_and_replaces(tmp_path):
-    path = tmp_path / "out.txt"
-    atomic_write(path, lambda f: f.write(b"first"))
-    atomic_write(path, lambda f: f.write(b"second"))
-    assert path.read_bytes() == b"second"
-    assert _leftovers(tmp_path) == []
-
-
-def test_atomic_write_failure_keeps_the_old_file(tmp_path):
-    path = tmp_path / "out.txt"
-    path.write_bytes(b"old")
-
-    def fail_half_way(file):
-        file.write(b"half of the new con")
-        raise OSError("disk full")
-
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write(path, fail_half_way)
-    assert path.read_bytes() == b"old"
-    assert _leftovers(tmp_path) == []
-
-
-def test_checkpoint_round_trip(tmp_path):
+def test_round_trip(tmp_path):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, _checkpoint(2.0))
     loaded = load_checkpoint(path)
-    assert loaded["format"] == ckpt.FORMAT and loaded["version"] == ckpt.VERSION
-    assert torch.equal(loaded["model"]["weight"], torch.full((3, 2), 2.0))
-    assert loaded["history"] == [{"epoch": 1, "train_loss": 2.0}]
+    assert sorted(loaded) == sorted(CHECKPOINT_KEYS)
+    assert torch.equal(loaded["model"]["weight"], torch.full((300, 200), 2.0))
+    assert loaded["history"] == _checkpoint(2.0)["history"]
+    assert load_checkpoint(tmp_path)["epoch"] == 1  # the run folder names its checkpoint
 
 
 def test_save_refuses_an_incomplete_checkpoint(tmp_path):
@@ -55,27 +50,30 @@ def test_save_refuses_an_incomplete_checkpoint(tmp_path):
         save_checkpoint(tmp_path / "c.pt", {"model": {}})
 
 
-def test_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, _checkpoint(1.0))
     real_save = torch.save
 
     def save_then_crash(obj, file):
         real_save(obj, file)  # a complete new checkpoint reaches the temporary file...
-        file.truncate(100)  # ...then the write is cut short, as by a full disk
-        raise OSError("No space left on device")
+        if not isinstance(file, io.BytesIO):
+            file.truncate(100)  # ...then the write is cut short, as by a full disk
+            raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(ckpt.torch, "save", save_then_crash)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(WriteError, match=r"cannot write .*checkpoint.pt: No space left on device \(ENOSPC\)"):
         save_checkpoint(path, _checkpoint(5.0))
     monkeypatch.undo()
-    assert torch.equal(load_checkpoint(path)["model"]["weight"], torch.full((3, 2), 1.0))
-    assert _leftovers(tmp_path) == []
+    assert torch.equal(load_checkpoint(path)["model"]["weight"], torch.full((300, 200), 1.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
-def test_missing_checkpoint(tmp_path):
+def test_missing_checkpoint_and_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere.pt not found"):
         load_checkpoint(tmp_path / "nowhere.pt")
+    with pytest.raises(FileNotFoundError, match="is a folder without a checkpoint.pt"):
+        load_checkpoint(tmp_path)
 
 
 @pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
@@ -89,6 +87,19 @@ def test_damaged_checkpoint_names_the_file(tmp_path, damage):
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("where", [0.3, 0.5, 0.7])
+def test_flipped_bytes_anywhere_in_the_weights_are_caught(tmp_path, where):
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, _checkpoint())
+    data = bytearray(path.read_bytes())
+    middle = int(len(data) * where)
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt|cannot read") as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
 def test_pickled_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"format": ckpt.FORMAT, "payload": torch.torch_version.TorchVersion("1.0")}, path)
@@ -96,11 +107,20 @@ def test_pickled_code_is_refused(tmp_path):
         load_checkpoint(path)
 
 
+def _write_payload(path, payload) -> None:
+    """A file with a valid hash around any payload (what a bug or a hostile writer could produce)."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+    torch.save({"format": ckpt.FORMAT, "version": ckpt.VERSION, "sha256": hashlib.sha256(data).hexdigest(),
+                "payload": torch.frombuffer(bytearray(data), dtype=torch.uint8)}, path)
+
+
 @pytest.mark.parametrize("content, message", [
     ([1, 2, 3], "not an nnbackprop checkpoint"),
     ({"model": {}}, "not an nnbackprop checkpoint"),
-    ({"format": ckpt.FORMAT, "version": 99}, "version 99"),
-    ({"format": ckpt.FORMAT, "version": ckpt.VERSION, "model": {}}, "incomplete checkpoint, missing config"),
+    ({"format": ckpt.FORMAT, "version": 1}, "version 1; this nnbackprop reads version 2"),
+    ({"format": ckpt.FORMAT, "version": ckpt.VERSION}, "damaged checkpoint"),
 ])
 def test_foreign_files_are_refused(tmp_path, content, message):
     path = tmp_path / "other.pt"
@@ -108,3 +128,32 @@ def test_foreign_files_are_refused(tmp_path, content, message):
     with pytest.raises(CheckpointError, match=message) as info:
         load_checkpoint(path)
     assert str(path) in str(info.value)
+
+
+def _drop(key):
+    return lambda c: c.pop(key)
+
+
+def _set(key, value):
+    return lambda c: c.__setitem__(key, value)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_drop("config"), "fields config are missing"),
+    (_set("data", None), "its data is malformed"),
+    (_set("model", {"weight": [1.0]}), "its model is malformed"),
+    (_set("epoch", "1"), "its epoch is malformed"),
+    (_set("history", [{"epoch": 1}]), "history entry 1 is malformed"),
+    (_set("history", []), "history has 0 epochs but it claims 1"),
+    (lambda c: c["early_stopping"].pop("bad_epochs"), "its early_stopping is malformed"),
+    (lambda c: c["data"].__setitem__("mean", [0.5, 0.5]), "its data is malformed"),
+], ids=["no-config", "data-none", "weights-not-tensors", "epoch-text", "history-fields", "history-short",
+        "early-stopping", "mean-channels"])
+def test_a_malformed_structure_is_one_line(tmp_path, edit, message):
+    checkpoint = copy.deepcopy(_checkpoint())
+    edit(checkpoint)
+    path = tmp_path / "checkpoint.pt"
+    _write_payload(path, checkpoint)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)

@@ -21,7 +21,7 @@ F64 = torch.float64
 class ReLUForgetsMask(ReLU):
     """Backward passes ``dout`` straight through, as if ReLU were the identity."""
 
-    def _backward(self, dout: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _backward(self, dout: torch.Tensor, out: torch.Tensor, dx: torch.Tensor | None) -> torch.Tensor:
         return dout
 
 
@@ -41,18 +41,18 @@ class LinearWrongdW(Linear):
 class LeakyPretendingReLU(ReLU):
     """A leaky forward with its own, consistent backward; it keeps ``ReLU.reference_forward``."""
 
-    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return F.leaky_relu_forward(x, 0.1), x
+    def _forward(self, x: torch.Tensor, out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        return F.leaky_relu_forward(x, 0.1, out=out), x
 
-    def _backward(self, dout: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return F.leaky_relu_backward(dout, x, 0.1)
+    def _backward(self, dout: torch.Tensor, x: torch.Tensor, dx: torch.Tensor | None) -> torch.Tensor:
+        return F.leaky_relu_backward(dout, x, 0.1, dx=dx)
 
 
 class CrossEntropyForgetsMean(CrossEntropyLoss):
     """Backward of the summed loss for a mean-reduced forward."""
 
     def backward(self, dloss: torch.Tensor | float = 1.0) -> torch.Tensor:
-        probs, target = self._pop_cache()
+        probs, target = self.saved_tensors
         return F.cross_entropy_backward(dloss, probs, target, "sum")
 
 
@@ -62,17 +62,17 @@ class Swish(Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
         s = torch.sigmoid(x)
-        self._save_for_backward(x, s)
+        self.save_for_backward(x, s)
         return x * s
 
     def backward(self, dout: torch.Tensor) -> torch.Tensor:
-        x, s = self._pop_cache()
+        x, s = self.saved_tensors
         return dout * (s + x * s * (1 - s))
 
 
 class SwishForgetsProductRule(Swish):
     def backward(self, dout: torch.Tensor) -> torch.Tensor:
-        x, s = self._pop_cache()
+        x, s = self.saved_tensors
         return dout * s
 
 
@@ -90,14 +90,14 @@ class LayerNorm(Module):
         self.check_input(x, ndim=2, features=self.weight.shape[0])
         rstd = torch.rsqrt(x.var(1, unbiased=False, keepdim=True) + self.eps)  # (N, 1)
         xhat = (x - x.mean(1, keepdim=True)) * rstd  # (N, D)
-        self._save_for_backward(xhat, rstd)
-        return xhat * self.weight.data + self.bias.data
+        self.save_for_backward(xhat, rstd)
+        return xhat * self.weight + self.bias
 
     def backward(self, dout: torch.Tensor) -> torch.Tensor:
-        xhat, rstd = self._pop_cache()
+        xhat, rstd = self.saved_tensors
         self.weight.accumulate((dout * xhat).sum(0))
         self.bias.accumulate(dout.sum(0))
-        return self._dx(dout * self.weight.data, xhat, rstd)
+        return self._dx(dout * self.weight, xhat, rstd)
 
     @staticmethod
     def _dx(dxhat: torch.Tensor, xhat: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:

@@ -98,7 +98,7 @@ def _backward_twice(module: Module) -> None:
         (lambda: Dropout(0.5), "Dropout(p=0.5)"),
         (Flatten, "Flatten(start_dim=1, end_dim=-1)"),
         (lambda: BatchNorm1d(3), "BatchNorm1d(3, eps=1e-05, momentum=0.1)"),
-        (lambda: Sequential(Linear(3, 3), ReLU()), "ReLU()"),
+        (lambda: Sequential(Linear(3, 3), ReLU()), "Sequential()"),
     ],
     ids=["linear", "relu", "gelu", "dropout", "flatten", "batchnorm", "sequential"],
 )

@@ -1,8 +1,10 @@
-"""``nnbackprop train`` and ``evaluate`` on small generated idx files; bad arguments give one line and exit 2."""
+"""The command line: ``nnbackprop train`` and ``evaluate`` on small generated idx files, ``gradcheck``; bad arguments
+and bad input give one line and exit 2."""
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -10,8 +12,10 @@ import pytest
 import torch
 from datagen import write_fake_mnist
 
-from nnbackprop.cli import main, parse_overrides
-from nnbackprop.train import TrainConfig
+from conftest import ROOT, subprocess_env
+
+from nnbackprop import gradcheck
+from nnbackprop.cli import main
 
 SMALL = ["--hidden", "16", "--batch-size", "50", "--val-size", "50", "--device", "cpu", "--quiet"]
 
@@ -91,18 +95,21 @@ def test_plot_without_matplotlib_fails_before_training(tmp_path, mnist_dir, caps
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--lr", "-0.1"], "argument --lr: must be > 0, got -0.1"),
+    (["--lr", "-0.1"], "invalid training configuration: lr must be > 0, got -0.1"),
     (["--lr", "fast"], "argument --lr: expected a number, got 'fast'"),
-    (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["--batch-size", "0"], "batch_size must be >= 1, got 0"),
     (["--epochs", "2.5"], "argument --epochs: expected an integer"),
     (["--dataset", "imagenet"], "unknown data set 'imagenet'"),
-    (["--hidden", "512,x"], "argument --hidden: expected comma-separated layer widths"),
-    (["--hidden", "512,-3"], "layer widths must be positive"),
-    (["--dropout", "1"], "argument --dropout: must be in [0, 1)"),
-    (["--nesterov", "--momentum", "0"], "nesterov needs a momentum > 0"),
+    (["--hidden", "512,x"], "argument --hidden: expected comma-separated ints such as 512,512"),
+    (["--hidden", "512,-3"], "hidden values must each be >= 1, got (512, -3)"),
+    (["--dropout", "1"], "dropout must be in [0, 1), got 1.0"),
+    (["--nesterov", "--momentum", "0"], "nesterov needs optimizer sgd with a momentum > 0"),
+    (["--optimizer", "lbfgs"], "argument --optimizer: invalid choice: 'lbfgs'"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--dataset", "mnist"], "MNIST not found. Searched:"),
     (["--dataset", "imagefolder:/nonexistent/cats"], "image folder /nonexistent/cats does not exist"),
+    (["--config", "/nonexistent/run.toml"], "config file /nonexistent/run.toml: cannot read it"),
+    (["--model", "model.txt"], "model must be PATH.py:FUNCTION"),
 ])
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("NNBACKPROP_DATA", str(tmp_path))
@@ -135,7 +142,7 @@ def test_the_installed_command_reports_errors_without_a_traceback(tmp_path):
     result = subprocess.run([sys.executable, "-m", "nnbackprop", "train", "--batch-size", "0"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr == "nnbackprop train: error: argument --batch-size: must be >= 1, got 0\n"
+    assert result.stderr == "nnbackprop: error: invalid training configuration: batch_size must be >= 1, got 0\n"
 
 
 def test_resume_without_a_run(tmp_path, capsys):
@@ -143,12 +150,60 @@ def test_resume_without_a_run(tmp_path, capsys):
     assert code == 2 and "no run to resume" in err and len(err.splitlines()) == 1
 
 
-def test_experiment_overrides():
-    config = parse_overrides(TrainConfig(), ["epochs=3", "hidden=1024,1024", "dataset=imagefolder:/a/b",
-                                             "patience=None", "flip=True", "lr=1e-2", "data_dir=~/data"])
-    assert (config.epochs, config.hidden, config.dataset, config.patience, config.flip, config.lr, config.data_dir) == \
-        (3, (1024, 1024), "imagefolder:/a/b", None, True, 0.01, "~/data")
-    assert parse_overrides(TrainConfig(), ["hidden=64"]).hidden == (64,)
-    for bad, message in (["epoch=3"], "key one of dataset"), (["lr=-1"], "lr must be"), (["3"], "key=value"):
-        with pytest.raises(SystemExit, match=message):
-            parse_overrides(TrainConfig(), bad)
+# ------------------------------------------------------------------------------------------------------ gradcheck
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nnbackprop", *args], cwd=ROOT, env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_gradcheck_float64_passes() -> None:
+    proc = _run_cli("gradcheck", "--dtype", "float64")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert re.fullmatch(r"(\d+) passed, 0 failed", last), last
+    assert int(last.split()[0]) > 20
+    assert "with finite differences" in proc.stdout
+    assert "FAIL" not in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error for a machine without CUDA")
+def test_gradcheck_on_missing_cuda_is_a_one_line_error() -> None:
+    proc = _run_cli("gradcheck", "--device", "cuda")
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("nnbackprop: error: ") and "CUDA is not available" in lines[0]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "args, code, stream, pattern",
+    [
+        (["--dtype", "float32", "--no-finite-differences"], 0, "out", r"\n\d+ passed, 0 failed\n$"),
+        (["--dtype", "float32", "-v"], 0, "out", r"  loss .* ok\n"),
+        (["--device", "tpu9"], 2, "err", r"^nnbackprop: error: [^\n]*'tpu9'[^\n]*\n$"),
+    ],
+    ids=["float32", "verbose", "unknown-device"],
+)
+def test_gradcheck_in_process(args: list[str], code: int, stream: str, pattern: str,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["gradcheck", *args]) == code
+    captured = capsys.readouterr()
+    assert re.search(pattern, captured.out if stream == "out" else captured.err), captured
+
+
+def test_gradcheck_failure_exits_1_and_shows_the_failing_tensor(monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    def one_failure(device: torch.device, dtype: torch.dtype, **kwargs: object) -> list[gradcheck.GradCheckReport]:
+        rows = {"broken layer": ("weight", 1.0), "fine layer": ("input", 0.0)}
+        return [gradcheck.GradCheckReport(subject, dtype, device, [gradcheck.TensorCheck(name, (2,), err, err, 1e-10)])
+                for subject, (name, err) in rows.items()]
+
+    monkeypatch.setattr(gradcheck, "builtin_checks", one_failure)
+    assert main(["gradcheck", "--dtype", "float64", "--layout", "plain"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"broken layer .* FAIL\n\s+weight .* FAIL", out), out
+    assert out.strip().splitlines()[-1] == "1 passed, 1 failed"

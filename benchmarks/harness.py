@@ -1,6 +1,6 @@
 """Timing the whole training step (forward, backward, SGD-momentum update) of an MLP, four ways, in one process.
 
-* **ours**: :class:`~nnbackprop.fast.FastStep` (and, as a detail, the readable :class:`~nnbackprop.train.SimpleStep`);
+* **ours**: :class:`~nnbackprop.step.FastStep` (and, as a detail, the readable :class:`~nnbackprop.step.SimpleStep`);
 * **eager**: the same model as ``torch.nn`` + autograd + ``torch.optim.SGD``, in each variant the installed torch offers
   (``default``, ``foreach``, ``fused``); the fastest is the baseline;
 * **compiled**: the eager step (default optimizer) under ``torch.compile``, compile time reported apart, or the reason
@@ -12,10 +12,9 @@ Every implementation starts from the same weights, and one step of each is check
 on the same batch before anything is timed. A time is the median over ``steps`` steps after ``warmup`` steps, taken with
 CUDA events on a GPU; the implementations are timed in alternating blocks, so that a shared machine whose load drifts
 slows them alike. Each configuration gives a row (a dict, JSON-ready) with the ratios ``eager/ours``,
-``compiled/ours`` and ``ours/floor``. With ``dtype=bfloat16`` the implementations compute in bf16 with float32 master
-weights (``FastStep(amp_bf16=True)``, ``torch.autocast`` for torch), except the reference SimpleStep (float32).
+``compiled/ours`` and ``ours/floor``.
 
-The library only measures and returns rows; ``benchmarks/step_benchmark.py`` prints and saves them.
+This harness measures and returns rows; ``step_benchmark.py`` beside it prints and saves them.
 """
 
 from __future__ import annotations
@@ -34,16 +33,14 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
-from nnbackprop.fast import FastStep
+from nnbackprop.gradcheck import TOLERANCES
 from nnbackprop.losses import CrossEntropyLoss
 from nnbackprop.model import Sequential, mlp, to_torch
 from nnbackprop.optim import SGD
-from nnbackprop.train import SimpleStep
+from nnbackprop.step import FastStep, SimpleStep
 
 LR = 0.01
 MOMENTUM = 0.9
-CHECK_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2}
-"""Largest relative parameter difference allowed between one step of two implementations."""
 EAGER_VARIANTS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 """``torch.optim.SGD`` keyword arguments of each eager variant."""
 
@@ -128,21 +125,17 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], *, steps: int, warmup
 # ---------------------------------------------------------------------------------------------------- the four steps
 
 
-def _master_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype == torch.bfloat16 else dtype
-
-
 def initial_model(sizes: Sequence[int], dtype: torch.dtype, device: torch.device, seed: int = 0) -> Sequential:
-    """The benchmarked MLP (ReLU, no dropout) with seeded weights, in the master dtype."""
-    return mlp(sizes[0], list(sizes[1:-1]), sizes[-1], flatten=False, dtype=_master_dtype(dtype),
+    """The benchmarked MLP (ReLU, no dropout) with seeded weights."""
+    return mlp(sizes[0], list(sizes[1:-1]), sizes[-1], flatten=False, dtype=dtype,
                generator=torch.Generator().manual_seed(seed)).to(device)
 
 
-def ours_step(model: Sequential, dtype: torch.dtype, *, fast: bool = True, **options: bool) -> Callable:
+def ours_step(model: Sequential, *, fast: bool = True, **options: bool) -> Callable:
     """``FastStep`` (``fast``) or ``SimpleStep`` on ``model`` with cross-entropy and SGD-momentum."""
     optimizer = SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
     if fast:
-        return FastStep(model, CrossEntropyLoss(), optimizer, amp_bf16=dtype == torch.bfloat16, **options)
+        return FastStep(model, CrossEntropyLoss(), optimizer, **options)
     return SimpleStep(model, CrossEntropyLoss(), optimizer)
 
 
@@ -154,20 +147,16 @@ class TorchStep:
         failure: why the compiled step could not run (set by :func:`benchmark_config`), else ``None``.
     """
 
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, optimizer_options: Mapping[str, Any],
-                 compile: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, optimizer_options: Mapping[str, Any], compile: bool = False) -> None:
         self.model = model
         self.optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, **optimizer_options)
-        self.device_type = next(model.parameters()).device.type
-        self.amp = dtype == torch.bfloat16
         self._run = torch.compile(self._step) if compile else self._step
         self.failure: str | None = None
 
     def _step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(self.device_type, torch.bfloat16) if self.amp else contextlib.nullcontext():
-            out = self.model(x)
-            loss = TF.cross_entropy(out, y)  # float32 under autocast
+        out = self.model(x)
+        loss = TF.cross_entropy(out, y)
         loss.backward()
         self.optimizer.step()
         return loss.detach() * x.shape[0], (out.argmax(1) == y).sum()
@@ -246,12 +235,12 @@ def benchmark_config(
 
     Raises:
         RuntimeError: when an implementation's first step disagrees with ``FastStep``'s beyond
-            :data:`CHECK_TOLERANCE` (the timings would compare different computations).
+            the gradient checker's tolerance (the timings would compare different computations).
     """
     device = torch.device(device)
     init = initial_model(sizes, dtype, device, seed)
     gen = torch.Generator(device).manual_seed(seed + 1)
-    x = torch.randn(batch, sizes[0], generator=gen, device=device, dtype=_master_dtype(dtype))
+    x = torch.randn(batch, sizes[0], generator=gen, device=device, dtype=dtype)
     y = torch.randint(0, sizes[-1], (batch,), generator=gen, device=device)
     row: dict[str, Any] = {"model": "-".join(map(str, sizes)), "batch": batch, "dtype": str(dtype).split(".")[-1],
                            "device": str(device)}
@@ -259,7 +248,7 @@ def benchmark_config(
     checks: dict[str, float] = {}
 
     model = copy.deepcopy(init)
-    steppers["ours"] = ours_step(model, dtype)
+    steppers["ours"] = ours_step(model)
     steppers["ours"](x, y)
     reference = _parameters(model)
 
@@ -267,20 +256,20 @@ def benchmark_config(
         step(x, y)
         steppers[name] = step
         difference = checks[name] = max_relative_difference(reference, _parameters(model))
-        if not difference <= CHECK_TOLERANCE[dtype]:
+        if not difference <= TOLERANCES[dtype]:
             raise RuntimeError(f"{name} and FastStep disagree after one step on {row['model']} at batch {batch}: "
-                               f"relative parameter difference {difference:.2e} > {CHECK_TOLERANCE[dtype]:.0e}")
+                               f"relative parameter difference {difference:.2e} > {TOLERANCES[dtype]:.0e}")
 
     if device.type == "cuda":
         model = copy.deepcopy(init)
-        first_step("ours_cuda_graph", ours_step(model, dtype, cuda_graph=True), model)
+        first_step("ours_cuda_graph", ours_step(model, cuda_graph=True), model)
     model = copy.deepcopy(init)
-    first_step("simple", ours_step(model, dtype, fast=False), model)
+    first_step("simple", ours_step(model, fast=False), model)
     skipped = {}
     for name, options in EAGER_VARIANTS.items():
         model = to_torch(copy.deepcopy(init))
         try:
-            step = TorchStep(model, dtype, options)
+            step = TorchStep(model, options)
         except (RuntimeError, ValueError) as error:  # a variant this torch or device lacks
             skipped[name] = f"skipped: {str(error).strip().splitlines()[0]}"
             continue
@@ -346,7 +335,7 @@ def benchmark_model(
     """
     compiled = None
     if compile:
-        compiled = TorchStep(to_torch(initial_model(sizes, dtype, device, seed)), dtype, {}, compile=True)
+        compiled = TorchStep(to_torch(initial_model(sizes, dtype, device, seed)), {}, compile=True)
     rows = []
     for batch in batch_sizes:
         row = benchmark_config(sizes, batch, dtype=dtype, device=device, steps=steps, warmup=warmup, rounds=rounds,

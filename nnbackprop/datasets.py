@@ -1,14 +1,9 @@
-"""Data sets as tensors, and mini-batches of them on the training device.
+"""Data sets: finding their files, reading them, and splitting them into train / validation / test.
 
 :func:`load_dataset` returns a :class:`DataSplits`: train / val / test splits, the class names, and per-channel
 normalisation statistics of the train split. MNIST, Fashion-MNIST and CIFAR-10 cat-vs-dog are small enough to live in
 memory as ``uint8`` tensors (:class:`TensorData`); an ``imagefolder:PATH`` data set is read from its image files on
-demand (:class:`ImageFolderData`).
-
-:func:`make_loader` turns a split into batches ``(x, y)`` on the device: ``x`` float ``(B, C, H, W)`` normalised as
-``(pixel / 255 - mean) / std`` per channel, ``y`` int64 ``(B,)``. A :class:`DeviceLoader` moves the whole split to the
-device once and cuts batches by indexing; a :class:`StreamingLoader` decodes image files in ``DataLoader`` workers.
-Both draw their order from a :class:`ShardedBatchSampler`, which also shards each batch across data-parallel ranks.
+demand (:class:`ImageFolderData`). Turning a split into batches is :mod:`nnbackprop.loaders`' job.
 """
 
 from __future__ import annotations
@@ -21,13 +16,13 @@ import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import torch
 import torchvision
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms.functional import pil_to_tensor
 
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -79,17 +74,24 @@ class TensorData:
 class ImageFolderData(Dataset):
     """A split of an image folder, read from disk one image at a time (in ``DataLoader`` workers).
 
-    Item ``i`` is ``(image, label)``: the file converted to RGB and resized to ``image_size x image_size`` (bilinear,
-    aspect ratio not kept), as a ``uint8`` tensor of shape ``(3, image_size, image_size)``, and its class index.
+    Item ``i`` is ``(image, label)``: the file converted to RGB (or grey, ``grayscale``) and resized to
+    ``image_size x image_size`` (bilinear, aspect ratio not kept), as a ``uint8`` tensor of shape
+    ``(C, image_size, image_size)`` (``C`` 3, or 1 for grey), and its class index.
 
     Attributes:
         samples: ``(path, label)`` of each image.
         image_size: side of the square the images are resized to.
+        grayscale: read the images as one grey channel.
     """
 
-    def __init__(self, samples: Sequence[tuple[str, int]], image_size: int) -> None:
+    def __init__(self, samples: Sequence[tuple[str, int]], image_size: int, grayscale: bool = False) -> None:
         self.samples = list(samples)
         self.image_size = image_size
+        self.grayscale = grayscale
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.grayscale else 3
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -98,7 +100,8 @@ class ImageFolderData(Dataset):
         path, label = self.samples[index]
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB").resize((self.image_size, self.image_size), Image.Resampling.BILINEAR)
+                image = image.convert("L" if self.grayscale else "RGB").resize((self.image_size, self.image_size),
+                                                                               Image.Resampling.BILINEAR)
         except (OSError, SyntaxError, ValueError) as error:
             raise ValueError(f"{path}: cannot read this image ({error}); remove or replace the file") from error
         return pil_to_tensor(image), label
@@ -109,7 +112,7 @@ class ImageFolderData(Dataset):
         return torch.tensor([label for _, label in self.samples], dtype=torch.int64)
 
     def subset(self, indices: Tensor) -> "ImageFolderData":
-        return ImageFolderData([self.samples[i] for i in indices.tolist()], self.image_size)
+        return ImageFolderData([self.samples[i] for i in indices.tolist()], self.image_size, self.grayscale)
 
 
 SplitData = Union[TensorData, ImageFolderData]
@@ -142,6 +145,12 @@ class DataSplits:
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def info(self) -> dict[str, Any]:
+        """What a checkpoint records about the data: enough to rebuild the model and prepare new inputs alike."""
+        return {"name": self.name, "source": self.source, "classes": list(self.classes),
+                "input_shape": list(self.input_shape), "mean": list(self.mean), "std": list(self.std),
+                "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)}}
 
 
 # --- reading files -------------------------------------------------------------------------------------------------
@@ -339,7 +348,7 @@ def _download(spec: _Builtin, root: Path) -> None:
 # --- splits and statistics -----------------------------------------------------------------------------------------
 
 
-def _permutation(n: int, seed: int) -> Tensor:
+def permutation(n: int, seed: int) -> Tensor:
     """``torch.randperm(n)`` from a CPU generator seeded with ``seed``: the same on every machine and device."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
@@ -349,7 +358,7 @@ def _hold_out(data: SplitData, size: int, seed: int, what: str) -> tuple[SplitDa
     if not 0 <= size < len(data):
         raise ValueError(f"val_size {size} must be in [0, {len(data)}) to split {len(data)} examples into train and "
                          f"{what}; pass a smaller val_size")
-    order = _permutation(len(data), seed)
+    order = permutation(len(data), seed)
     return data.subset(order[size:].sort().values), data.subset(order[:size].sort().values)
 
 
@@ -373,8 +382,8 @@ def _mean_std(histogram: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 
 def _folder_histogram(data: ImageFolderData, seed: int, num_workers: int) -> Tensor:
-    """The ``(3, 256)`` histogram of at most :data:`STATS_SAMPLE_SIZE` images of ``data``, picked by ``seed``."""
-    picked = _permutation(len(data), seed)[:STATS_SAMPLE_SIZE].tolist()
+    """The ``(C, 256)`` histogram of at most :data:`STATS_SAMPLE_SIZE` images of ``data``, picked by ``seed``."""
+    picked = permutation(len(data), seed)[:STATS_SAMPLE_SIZE].tolist()
     loader = DataLoader(Subset(data, picked), batch_size=100, num_workers=num_workers)
     return sum(_histogram(images) for images, _ in loader)
 
@@ -382,11 +391,13 @@ def _folder_histogram(data: ImageFolderData, seed: int, num_workers: int) -> Ten
 # --- loading -------------------------------------------------------------------------------------------------------
 
 
-def _default_num_workers() -> int:
+def default_num_workers() -> int:
+    """Workers for decoding images: one per core, at most 8."""
     return min(8, os.cpu_count() or 1)
 
 
-def _load_image_folder(name: str, root: Path, val_size: int, seed: int, image_size: int) -> DataSplits:
+def _load_image_folder(name: str, root: Path, val_size: int, seed: int, image_size: int,
+                       grayscale: bool) -> DataSplits:
     if not root.is_dir():
         raise DatasetNotFoundError(f"image folder {root} does not exist; pass imagefolder:PATH with PATH a directory "
                                    "holding one subdirectory of images per class (or train/ and test/ with those)")
@@ -394,18 +405,19 @@ def _load_image_folder(name: str, root: Path, val_size: int, seed: int, image_si
         raise ValueError(f"image_size must be positive, got {image_size}")
     has_test = (root / "train").is_dir() and (root / "test").is_dir()
     folder = torchvision.datasets.ImageFolder(str(root / "train" if has_test else root))
-    data = ImageFolderData(folder.samples, image_size)
+    data = ImageFolderData(folder.samples, image_size, grayscale)
     if has_test:
         test_folder = torchvision.datasets.ImageFolder(str(root / "test"))
         if test_folder.classes != folder.classes:
             raise ValueError(f"{root}/train has classes {folder.classes} but {root}/test has {test_folder.classes}; "
                              "both need the same class subdirectories")
-        test = ImageFolderData(test_folder.samples, image_size)
+        test = ImageFolderData(test_folder.samples, image_size, grayscale)
     else:
         data, test = _hold_out(data, val_size, seed, "test")
     train, val = _hold_out(data, val_size, seed, "val")
-    mean, std = _mean_std(_folder_histogram(train, seed, _default_num_workers()))
-    return DataSplits(name, train, val, test, list(folder.classes), (3, image_size, image_size), mean, std, str(root))
+    mean, std = _mean_std(_folder_histogram(train, seed, default_num_workers()))
+    return DataSplits(name, train, val, test, list(folder.classes), (data.channels, image_size, image_size), mean, std,
+                      str(root))
 
 
 def load_dataset(
@@ -416,6 +428,7 @@ def load_dataset(
     seed: int = 0,
     image_size: int = 32,
     search_dirs: Sequence[str | Path] | None = None,
+    grayscale: bool = False,
 ) -> DataSplits:
     """Load a data set and split it into train / val / test.
 
@@ -430,6 +443,7 @@ def load_dataset(
             may be 0.
         seed: seed of the validation split (and of the test split of an image folder without ``test/``).
         image_size: side of the square an ``imagefolder`` image is resized to.
+        grayscale: read an ``imagefolder``'s images as one grey channel instead of RGB.
         search_dirs: where to look after ``data_dir``, each again in both layouts; default
             :func:`default_search_dirs` (``/usr/share/datasets/fashion-mnist`` for Fashion-MNIST, then
             :func:`cache_dir`).
@@ -446,7 +460,7 @@ def load_dataset(
     """
     if name.startswith("imagefolder:"):
         return _load_image_folder(name, Path(name.removeprefix("imagefolder:")).expanduser(), val_size, seed,
-                                  image_size)
+                                  image_size, grayscale)
     if name not in _BUILTINS:
         raise ValueError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     spec = _BUILTINS[name]
@@ -467,190 +481,3 @@ def load_dataset(
                       str(directory))
 
 
-# --- batches -------------------------------------------------------------------------------------------------------
-
-
-def normalize(images: Tensor, mean: Tensor | Sequence[float], std: Tensor | Sequence[float],
-              dtype: torch.dtype = torch.float32) -> Tensor:
-    """``(images / 255 - mean) / std`` per channel.
-
-    Args:
-        images: ``uint8`` tensor of shape ``(N, C, H, W)``.
-        mean, std: length ``C`` (or 1).
-
-    Returns:
-        Tensor of shape ``(N, C, H, W)`` and dtype ``dtype``, on the device of ``images``; computed in at least
-        float32.
-    """
-    work = torch.promote_types(dtype, torch.float32)
-    mean = torch.as_tensor(mean, dtype=work, device=images.device).view(1, -1, 1, 1)
-    std = torch.as_tensor(std, dtype=work, device=images.device).view(1, -1, 1, 1)
-    return images.to(work).div_(255).sub_(mean).div_(std).to(dtype)
-
-
-def _per_channel(values: float | Sequence[float], channels: int, what: str) -> tuple[float, ...]:
-    """``values`` as ``channels`` floats; a single value is repeated."""
-    values = (float(values),) if isinstance(values, (int, float)) else tuple(float(v) for v in values)
-    if len(values) == 1:
-        values *= channels
-    if len(values) != channels:
-        raise ValueError(f"{what} has {len(values)} values but the images have {channels} channels")
-    return values
-
-
-def _mean_std_per_channel(mean: float | Sequence[float], std: float | Sequence[float],
-                          channels: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    mean, std = _per_channel(mean, channels, "mean"), _per_channel(std, channels, "std")
-    if min(std) <= 0:
-        raise ValueError(f"std must be positive, got {std}")
-    return mean, std
-
-
-class ShardedBatchSampler(Sampler[list[int]]):
-    """The index batches of one data-parallel rank; every rank draws the same global order.
-
-    Each epoch the order of the ``num_examples`` examples is ``torch.randperm`` from a CPU generator seeded with
-    ``seed + epoch`` (file order if not ``shuffle``), so it is reproducible from the seed and :meth:`set_epoch`, as
-    with ``DistributedSampler``. The order is cut into global batches of ``batch_size``; rank ``r`` takes rows
-    ``[r * b, (r + 1) * b)`` of each, ``b = batch_size // world_size``. The last global batch, of ``m < batch_size``
-    examples, is dropped if ``drop_last``; otherwise its first ``(m // world_size) * world_size`` examples are shared
-    the same way and the other ``m % world_size < world_size`` are left out this epoch (with ``world_size == 1``,
-    none). So every rank yields the same number of batches, all ranks' batch ``i`` together form global batch ``i``,
-    and with one rank and ``drop_last=False`` each epoch visits every example exactly once.
-
-    Attributes:
-        bounds: ``[start, stop)`` of each of this rank's batches in the epoch's order.
-        num_samples: examples this rank sees per epoch.
-    """
-
-    def __init__(self, num_examples: int, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-                 drop_last: bool = False, rank: int = 0, world_size: int = 1) -> None:
-        super().__init__()
-        if batch_size < 1 or world_size < 1:
-            raise ValueError(f"batch_size and world_size must be positive, got {batch_size} and {world_size}")
-        if batch_size % world_size:
-            raise ValueError(f"batch_size {batch_size} (the global batch) is not divisible by world_size {world_size}; "
-                             "pass a multiple of the number of ranks")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is out of range for world_size {world_size}")
-        self.num_examples, self.shuffle, self.seed, self.epoch = num_examples, shuffle, seed, 0
-        full, rest = divmod(num_examples, batch_size)
-        sizes = [batch_size] * full + ([rest] if rest and not drop_last else [])
-        self.bounds: list[tuple[int, int]] = []
-        for i, size in enumerate(sizes):
-            local = size // world_size
-            if local:
-                start = i * batch_size + rank * local
-                self.bounds.append((start, start + local))
-        self.num_samples = sum(stop - start for start, stop in self.bounds)
-
-    def set_epoch(self, epoch: int) -> None:
-        """Draw the order of epoch ``epoch`` from now on; call it before each epoch, on every rank."""
-        self.epoch = epoch
-
-    def order(self) -> Tensor:
-        """This epoch's order of all examples: ``int64`` CPU tensor of shape ``(num_examples,)``."""
-        if self.shuffle:
-            return _permutation(self.num_examples, self.seed + self.epoch)
-        return torch.arange(self.num_examples)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        order = self.order()
-        for start, stop in self.bounds:
-            yield order[start:stop].tolist()
-
-    def __len__(self) -> int:
-        return len(self.bounds)
-
-
-class _SampledLoader:
-    """What both loaders share: the :class:`ShardedBatchSampler` that orders, batches and shards each epoch."""
-
-    sampler: ShardedBatchSampler
-
-    def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
-
-    @property
-    def num_samples(self) -> int:
-        return self.sampler.num_samples
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-
-class DeviceLoader(_SampledLoader):
-    """Mini-batches of an in-memory split, kept on ``device`` as normalised floats.
-
-    On construction the ``uint8`` images are moved to ``device`` and normalised once (:func:`normalize`); iterating
-    yields ``(x, y)``: ``x`` of shape ``(B, C, H, W)`` and dtype ``dtype``, ``y`` int64 ``(B,)``, both on ``device``,
-    gathered with one index per batch, in the order of a :class:`ShardedBatchSampler` (see it for shuffling, the last
-    batch and sharding; ``batch_size`` is the global batch). Call :meth:`set_epoch` before each epoch.
-
-    Attributes:
-        images: the whole split, normalised, on ``device``: ``(N, C, H, W)`` of dtype ``dtype``.
-        labels: ``int64`` ``(N,)`` on ``device``.
-        mean, std: the per-channel statistics used, length ``C``.
-    """
-
-    def __init__(self, data: TensorData, batch_size: int, *, mean: float | Sequence[float],
-                 std: float | Sequence[float], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 shuffle: bool = False, seed: int = 0, drop_last: bool = False, rank: int = 0,
-                 world_size: int = 1) -> None:
-        self.sampler = ShardedBatchSampler(len(data), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
-                                           rank=rank, world_size=world_size)
-        self.device = torch.device(device)
-        self.mean, self.std = _mean_std_per_channel(mean, std, data.images.shape[1])
-        self.images = normalize(data.images.to(self.device), self.mean, self.std, dtype)  # (N, C, H, W)
-        self.labels = data.labels.to(self.device)  # (N,)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        order = self.sampler.order().to(self.device)
-        for start, stop in self.sampler.bounds:
-            index = order[start:stop]
-            yield self.images.index_select(0, index), self.labels.index_select(0, index)
-
-
-class StreamingLoader(_SampledLoader):
-    """Mini-batches of an :class:`ImageFolderData`, decoded by ``DataLoader`` workers and normalised on ``device``.
-
-    Same interface and batch order as :class:`DeviceLoader`: workers read and resize the images of each batch of the
-    :class:`ShardedBatchSampler` and return them as ``uint8``; the batch is moved to ``device`` (from pinned memory
-    when it is a GPU) and normalised there. Workers persist across epochs.
-    """
-
-    def __init__(self, data: ImageFolderData, batch_size: int, *, mean: float | Sequence[float],
-                 std: float | Sequence[float], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 shuffle: bool = False, seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1,
-                 num_workers: int | None = None) -> None:
-        self.sampler = ShardedBatchSampler(len(data), batch_size, shuffle=shuffle, seed=seed, drop_last=drop_last,
-                                           rank=rank, world_size=world_size)
-        self.device, self.dtype = torch.device(device), dtype
-        self.mean, self.std = _mean_std_per_channel(mean, std, 3)
-        self._mean, self._std = torch.tensor(self.mean, device=self.device), torch.tensor(self.std, device=self.device)
-        num_workers = _default_num_workers() if num_workers is None else num_workers
-        self.loader = DataLoader(data, batch_sampler=self.sampler, num_workers=num_workers,
-                                 pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for images, labels in self.loader:  # (B, 3, S, S) uint8, (B,) int64
-            images = images.to(self.device, non_blocking=True)
-            yield normalize(images, self._mean, self._std, self.dtype), labels.to(self.device, non_blocking=True)
-
-
-Loader = Union[DeviceLoader, StreamingLoader]
-
-
-def make_loader(data: SplitData, batch_size: int, *, mean: float | Sequence[float], std: float | Sequence[float],
-                device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, shuffle: bool = False,
-                seed: int = 0, drop_last: bool = False, rank: int = 0, world_size: int = 1,
-                num_workers: int | None = None) -> Loader:
-    """A :class:`DeviceLoader` for a :class:`TensorData`, a :class:`StreamingLoader` (``num_workers`` workers,
-    default ``min(8, cpu count)``) for an :class:`ImageFolderData`; see them for the arguments."""
-    options = dict(mean=mean, std=std, device=device, dtype=dtype, shuffle=shuffle, seed=seed, drop_last=drop_last,
-                   rank=rank, world_size=world_size)
-    if isinstance(data, TensorData):
-        return DeviceLoader(data, batch_size, **options)
-    if isinstance(data, ImageFolderData):
-        return StreamingLoader(data, batch_size, num_workers=num_workers, **options)
-    raise TypeError(f"make_loader takes TensorData or ImageFolderData, got {type(data).__name__}")

@@ -1,0 +1,43 @@
+"""Running an experiment as the scripts in ``experiments/`` do: train with console output, plot, tabulate."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from nnbackprop.config import TrainConfig
+from nnbackprop.console import ConsoleLogger, fail
+from nnbackprop.datasets import DatasetNotFoundError, DataSplits
+from nnbackprop.files import WriteError
+from nnbackprop.module import Module
+from nnbackprop.plot import plot_history
+from nnbackprop.training import NonFiniteLossError, TrainResult, train
+
+
+def run_experiment(config: TrainConfig, out_dir: str | Path, data: DataSplits | None = None,
+                   model: Module | None = None, progress: bool | None = None) -> TrainResult:
+    """Train as an experiment script does: a :class:`~nnbackprop.console.ConsoleLogger` (progress bars when stderr
+    is a terminal), results in ``out_dir`` (replacing an earlier run's), curves plotted when matplotlib is installed.
+    Exits with one error line when the data set is missing, the settings do not fit it, a file cannot be written, or
+    the training diverges."""
+    logger = ConsoleLogger(progress=sys.stderr.isatty() if progress is None else progress)
+    try:
+        result = train(config, model, data, out_dir=out_dir, overwrite=True, callback=logger)
+    except (DatasetNotFoundError, NonFiniteLossError, ValueError, WriteError) as error:
+        fail(error)
+    finally:
+        logger.close()
+    try:
+        plot_history(result.history, out_dir)
+    except ImportError:
+        print("(no plots: matplotlib is not installed; pip install 'nnbackprop[plot]')")
+    return result
+
+
+def result_row(name: str, result: TrainResult) -> dict[str, Any]:
+    """One row of an experiment's summary table."""
+    last = result.history[-1]
+    return {"run": name, "test acc %": round(100 * result.test_accuracy, 2), "test loss": result.test_loss,
+            "best epoch": result.best_epoch if result.best_epoch is not None else "-", "epochs": last.epoch,
+            "train loss": last.train_loss, "wall s": round(result.wall_time, 1)}
