@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+from nnbackprop.errors import ERROR_PREFIX
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -384,10 +386,6 @@ def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) 
         config = load_config_file(args.config, config)
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     return config.replace(**given) if given else config
-
-
-ERROR_PREFIX = "nnbackprop: error: "
-"""How every error line of the command line and the scripts begins."""
 
 
 class OneLineParser(argparse.ArgumentParser):

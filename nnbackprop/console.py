@@ -7,17 +7,9 @@ import math
 import sys
 from typing import IO, Any, NoReturn, Sequence
 
-from nnbackprop.config import ERROR_PREFIX
+from nnbackprop.errors import ERROR_PREFIX, one_line
 from nnbackprop.metrics import EpochMetrics
 from nnbackprop.training import RunInfo, TrainCallback, TrainResult
-
-def one_line(message: Any) -> str:
-    """A multi-line message joined into one line (a line ending in ``:`` introduces the next ones)."""
-    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    text = lines[0] if lines else ""
-    for previous, line in zip(lines, lines[1:]):
-        text += (" " if previous.endswith(":") else "; ") + line
-    return text
 
 
 def print_error(message: Any) -> None:

@@ -29,17 +29,17 @@ import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from nnbackprop.errors import gist
 from nnbackprop.module import Module
+from nnbackprop.step import GradHook
 
 DEFAULT_TIMEOUT_S = 300.0
-
-GradHook = Callable[[Tensor], None]
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -169,7 +169,7 @@ def init_distributed(device_arg: str = "auto", timeout_s: float = DEFAULT_TIMEOU
     except RuntimeError as err:
         raise DistributedError(
             f"rank {rank} of {world_size}: the process group at {address} did not form within the {timeout_s:g} s "
-            f"timeout: {_first_line(err)}. All {world_size} ranks must be started (torchrun) and reach the master "
+            f"timeout: {gist(err)}. All {world_size} ranks must be started (torchrun) and reach the master "
             "address; look for an earlier error in the other ranks' output."
         ) from err
     return DistContext(rank, world_size, local_rank, device, backend, timeout_s)
@@ -181,12 +181,6 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
-def _first_line(err: BaseException) -> str:
-    """The gist of a backend error: its first line, without a final full stop."""
-    text = str(err).strip()
-    return text.splitlines()[0].rstrip(".") if text else type(err).__name__
-
-
 @contextlib.contextmanager
 def _collective(ctx: DistContext, what: str) -> Iterator[None]:
     """Turn a failed collective into a ``RuntimeError`` that says which rank waited for what, and for how long."""
@@ -195,7 +189,7 @@ def _collective(ctx: DistContext, what: str) -> Iterator[None]:
     except RuntimeError as err:
         raise DistributedError(
             f"rank {ctx.rank} of {ctx.world_size}: {what} failed: another rank exited or did not reach it within the "
-            f"{ctx.timeout_s:g} s timeout ({_first_line(err)}). Look for the first error in the other ranks' output."
+            f"{ctx.timeout_s:g} s timeout ({gist(err)}). Look for the first error in the other ranks' output."
         ) from err
 
 

@@ -13,6 +13,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from nnbackprop.errors import gist
 from nnbackprop.layers import GELU, BatchNorm1d, Dropout, Flatten, LeakyReLU, Linear, ReLU, Sigmoid, Tanh
 from nnbackprop.module import Module
 
@@ -157,7 +158,7 @@ def model_from_file(spec: str, **available: Any) -> Module:
         import_spec.loader.exec_module(module)
     except Exception as error:  # whatever the user's file raises while importing
         sys.modules.pop(module_name, None)
-        raise ValueError(f"--model {spec}: importing {path} failed: {_first_line(error)}") from error
+        raise ValueError(f"--model {spec}: importing {path} failed: {gist(error)}") from error
     function = getattr(module, function_name, None)
     if not callable(function):
         raise ValueError(f"--model {spec}: {path} has no function {function_name}")
@@ -165,13 +166,8 @@ def model_from_file(spec: str, **available: Any) -> Module:
     try:
         model = function(**{k: v for k, v in available.items() if k in accepted})
     except Exception as error:  # whatever the user's function raises
-        raise ValueError(f"--model {spec}: {function_name}() raised {_first_line(error)}") from error
+        raise ValueError(f"--model {spec}: {function_name}() raised {gist(error)}") from error
     if not isinstance(model, Module):
         raise ValueError(f"--model {spec}: {function_name}() returned a {type(model).__name__}, not an nnbackprop "
                          "Module (e.g. nnbackprop.Sequential(...))")
     return model
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, Protocol
 import torch
 from torch import Tensor
 
+from nnbackprop.errors import gist
 from nnbackprop.layers import Dropout
 from nnbackprop.layout import FastLayout
 from nnbackprop.losses import Loss
@@ -220,7 +221,7 @@ class FastStep(SimpleStep):
             try:
                 entry = self._graphs[key] = self._capture(x, y)
             except RuntimeError as error:  # an op that a graph cannot hold; eager from now on
-                self.graph_failure = f"{type(error).__name__}: {str(error).strip().splitlines()[0]}"
+                self.graph_failure = gist(error)
                 return self._eager_step(x, y)
         graph, static_x, static_y, (loss_sum, n_correct) = entry
         self.optimizer.refresh_scalars()
