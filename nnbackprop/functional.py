@@ -72,7 +72,8 @@ def relu_forward(x: Tensor, *, out: Tensor | None = None) -> Tensor:
 
 def relu_backward(dout: Tensor, out: Tensor, *, dx: Tensor | None = None) -> Tensor:
     """``dx = dout · 1[x > 0]`` (the gradient at 0 is taken as 0, as in torch), with ``1[x > 0] = sign(out)`` since
-    ``out = max(x, 0) >= 0`` (a float mask: a boolean one costs several times more on the CPU)."""
+    ``out = max(x, 0) >= 0`` (a float mask: a boolean one costs several times more on the CPU). ``dx`` may be ``out``
+    itself (which is then overwritten)."""
     return torch.sign(out, out=dx).mul_(dout)
 
 
@@ -103,7 +104,8 @@ def tanh_forward(x: Tensor, *, out: Tensor | None = None) -> Tensor:
 
 
 def tanh_backward(dout: Tensor, out: Tensor, *, dx: Tensor | None = None) -> Tensor:
-    """``dx = dout · (1 − tanh²(x))``, computed as ``dout − dout · t²`` with ``t = tanh(x)``."""
+    """``dx = dout · (1 − tanh²(x))``, computed as ``dout − dout · t²`` with ``t = tanh(x)``. ``dx`` may be ``out``
+    itself (which is then overwritten)."""
     dx = torch.mul(out, out, out=dx)
     return torch.addcmul(dout, dout, dx, value=-1, out=dx)
 

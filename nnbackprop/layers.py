@@ -150,7 +150,9 @@ class ReLU(_Elementwise):
         return out, out
 
     def _backward(self, dout: Tensor, out: Tensor, dx: Tensor | None) -> Tensor:
-        return F.relu_backward(dout, out, dx=dx)
+        # In the fast layout the output buffer is free once the next layer's backward has run: dx can reuse it.
+        reuse = dx is not None and out is self.scratch("out", out.shape, out)
+        return F.relu_backward(dout, out, dx=out if reuse else dx)
 
     def reference_forward(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         return TF.relu(x)
@@ -207,7 +209,8 @@ class Tanh(_Elementwise):
         return out, out
 
     def _backward(self, dout: Tensor, out: Tensor, dx: Tensor | None) -> Tensor:
-        return F.tanh_backward(dout, out, dx=dx)
+        reuse = dx is not None and out is self.scratch("out", out.shape, out)  # as ReLU's
+        return F.tanh_backward(dout, out, dx=out if reuse else dx)
 
     def reference_forward(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         return torch.tanh(x)

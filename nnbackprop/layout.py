@@ -94,8 +94,10 @@ class FlatParameters:
         self.data_views = self.views(self.data)
         self.grad_views = self.views(self.grad)
         self._addresses = [view.data_ptr() for view in self.data_views]
+        self.grads_in_place = False  # set by the fast step when it has seen every gradient land in its view
         self._state: dict[str, Tensor] = {}  # flat optimizer state: (P,) tensors, or 0-dim shared ones (Adam's step)
         self._state_views: dict[str, list[Tensor]] = {}
+        self._shared_with: Any = None  # the optimizer's state dict that holds views of self._state
         self.bind()
 
     def views(self, flat: Tensor) -> list[Tensor]:
@@ -132,20 +134,23 @@ class FlatParameters:
     def holds_group(self, index: int) -> bool:
         return index == self.group_index
 
-    def holds(self, index: int, with_grad: list[Tensor]) -> bool:
-        """Whether optimizer group ``index`` is this layout's, every gradient in place (``with_grad``: the group's
-        parameters that have one)."""
-        return (index == self.group_index and len(with_grad) == len(self.params)
-                and all(p.grad is grad for p, grad in zip(with_grad, self.grad_views)))
+    def holds(self, index: int, params: list[Tensor]) -> bool:
+        """Whether optimizer group ``index`` (its ``params``) is this layout's, with every gradient in its flat view
+        (the fast step vouches for that with :attr:`grads_in_place` after its backward; else each is looked at)."""
+        if index != self.group_index:
+            return False
+        if self.grads_in_place:
+            self.grads_in_place = False
+            return True
+        return all(p.grad is grad for p, grad in zip(params, self.grad_views))
 
     @torch.no_grad()
     def adopt_state(self, state: dict[Any, dict[str, Any]]) -> dict[str, Tensor]:
         """The flat state for the optimizer's rule: as left by the last step, or gathered from ``state`` (the
         optimizer's per-parameter state) when that was replaced, e.g. by ``optimizer.load_state_dict``."""
-        first, last = self.params[0], self.params[-1]
-        if self._state_views and all(state[first].get(name) is views[0] and state[last].get(name) is views[-1]
-                                     for name, views in self._state_views.items()):
-            return self._state  # as the last step left it (load_state_dict replaces every entry)
+        if state is self._shared_with:
+            return self._state  # as the last step left it (load_state_dict replaces the whole state dict)
+        first = self.params[0]
         names = set(state[first]) if first in state else set()
         if not names and not self._state:
             return self._state
@@ -166,18 +171,20 @@ class FlatParameters:
                 flat[name] = torch.cat([v.reshape(-1).to(self.data) for v in values])
         self._state = flat
         self._state_views = {}
+        self._shared_with = None
         return flat
 
     def share_state(self, state: dict[Any, dict[str, Any]]) -> None:
         """Put views of the flat state into the optimizer's per-parameter state (after a step created or adopted it),
         so its ``state_dict`` sees each parameter's part."""
-        if set(self._state_views) == set(self._state):
+        if state is self._shared_with and len(self._state_views) == len(self._state):
             return
         for name, flat in self._state.items():
             views = [flat] * len(self.params) if flat.dim() == 0 else self.views(flat)
             self._state_views[name] = views
             for p, view in zip(self.params, views):
                 state[p][name] = view
+        self._shared_with = state
 
 
 class FastLayout:

@@ -73,26 +73,47 @@ class Loss(Module):
                 f"target.to('{input.device}')"
             )
 
-    def _in_range(self, target: Tensor, lo: float, hi: float, what: str) -> Tensor:
-        """``target`` with every value in ``[lo, hi]``: checked on the CPU, clamped and flagged on a GPU."""
-        if target.device.type == "cpu":
-            found_lo, found_hi = (value.item() for value in torch.aminmax(target))
-            if found_lo < lo or found_hi > hi:
-                raise ValueError(f"{self.name}: {what}, found {found_lo if found_lo < lo else found_hi}. Check the "
-                                 "data set's labels against the model's output size.")
+    def _in_range(self, target: Tensor, lo: float, hi: float, what: str, *, indices: bool = False) -> Tensor:
+        """``target`` with every value in ``[lo, hi]``: checked on the CPU (for class ``indices`` by the indexing op
+        itself, see :meth:`_out_of_range`), clamped and flagged on a GPU."""
+        if not target.is_cuda:
+            if not indices:
+                self._raise_if_outside(target, lo, hi, what)
             return target
         self.__dict__["_label_check"] = (((target < lo) | (target > hi)).any(), what)
         return target.clamp(lo, hi)
 
+    def _raise_if_outside(self, target: Tensor, lo: float, hi: float, what: str) -> None:
+        found_lo, found_hi = (value.item() for value in torch.aminmax(target))
+        if found_lo < lo or found_hi > hi:
+            raise ValueError(f"{self.name}: {what}, found {found_lo if found_lo < lo else found_hi}. Check the "
+                             "data set's labels against the model's output size.")
+
+    def _label_error(self, target: Tensor, classes: int) -> ValueError | None:
+        """On the CPU the gather or scatter that uses class indices refuses one out of range (at no cost when all are
+        in range): the loss's own error for it, or ``None`` when the labels were not the problem."""
+        try:
+            self._raise_if_outside(target, 0, classes - 1, f"labels must be in [0, {classes - 1}] for {classes} "
+                                   "classes")
+        except ValueError as label_error:
+            return label_error
+        return None
+
     def _poisoned(self, loss: Tensor) -> Tensor:
         """``loss``, or NaN when the device check flagged this batch's labels."""
         check = self.__dict__["_label_check"]
-        if loss.device.type == "cpu" or check is None:
+        if check is None or not loss.is_cuda:
             return loss
         return torch.where(check[0], torch.full_like(loss, float("nan")), loss)
 
     def _class_indices(self, input: Tensor, target: Any) -> Tensor:
         """Validate integer class labels ``(N,)`` for logits ``(N, C)`` and return them as int64."""
+        if (isinstance(target, Tensor) and target.dtype == torch.long and target.dim() == 1
+                and target.shape[0] == input.shape[0] and target.device == input.device):
+            if not target.is_cuda:  # the values: checked by the op that indexes with them, see _label_error
+                return target
+            c = input.shape[1]
+            return self._in_range(target, 0, c - 1, f"labels must be in [0, {c - 1}] for {c} classes", indices=True)
         if not isinstance(target, Tensor):
             raise ValueError(f"{self.name}: target must be a tensor of class indices, got {type(target).__name__}")
         if target.is_floating_point() or target.dtype == torch.bool:
@@ -105,7 +126,8 @@ class Loss(Module):
             raise ValueError(f"{self.name}: target must have shape ({n},) to match input {tuple(input.shape)}, "
                              f"got {tuple(target.shape)}")
         self._check_target_device(input, target)
-        return self._in_range(target, 0, c - 1, f"labels must be in [0, {c - 1}] for {c} classes").long()
+        target = target if target.dtype == torch.long else target.long()
+        return self._in_range(target, 0, c - 1, f"labels must be in [0, {c - 1}] for {c} classes", indices=True)
 
 
 class CrossEntropyLoss(Loss):
@@ -118,8 +140,14 @@ class CrossEntropyLoss(Loss):
     def forward(self, input: Tensor, target: Tensor) -> Tensor:  # type: ignore[override]
         self._check_logits(input, (2,))
         target = self._class_indices(input, target)
-        loss, log_probs = F.cross_entropy_forward(input, target, self.reduction,
-                                                  out=self.scratch("log_probs", input.shape, input))
+        try:
+            loss, log_probs = F.cross_entropy_forward(input, target, self.reduction,
+                                                      out=self.scratch("log_probs", input.shape, input))
+        except RuntimeError as error:
+            label_error = self._label_error(target, input.shape[1])
+            if label_error is None:
+                raise
+            raise label_error from error
         self.save_for_backward(log_probs, target)
         return self._poisoned(loss)
 
@@ -163,8 +191,14 @@ class MSELoss(Loss):
     def _as_target(self, input: Tensor, target: Any) -> Tensor:
         self.check_input(input)
         if isinstance(target, Tensor) and not target.is_floating_point() and input.dim() == 2:
-            labels = self._class_indices(input, target).unsqueeze(1)  # (N, 1)
-            return torch.zeros_like(input).scatter_(1, labels, 1.0)  # one-hot rows (N, C)
+            labels = self._class_indices(input, target)
+            try:
+                return torch.zeros_like(input).scatter_(1, labels.unsqueeze(1), 1.0)  # one-hot rows (N, C)
+            except RuntimeError as error:
+                label_error = self._label_error(labels, input.shape[1])
+                if label_error is None:
+                    raise
+                raise label_error from error
         if not isinstance(target, Tensor) or not target.is_floating_point():
             raise ValueError(f"{self.name}: target must be a float tensor shaped like the input "
                              f"{tuple(input.shape)}, or integer class labels (N,) for input (N, C)")

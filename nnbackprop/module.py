@@ -109,9 +109,10 @@ def _checked_backward(backward: Callable[..., Any]) -> Callable[..., Any]:
             dx = backward(self, *args, **kwargs)
         finally:
             state["_depth"] = 0
-            state["_saved"], state["_pending"] = None, 0
-        for hook in state["_backward_hooks"].values():
-            hook(self, (dx,), args[:1])
+            state["_saved"], state["_pending"], state["_output"] = None, 0, None
+        if state["_backward_hooks"]:
+            for hook in state["_backward_hooks"].values():
+                hook(self, (dx,), args[:1])
         return dx
 
     return checked_backward
@@ -139,7 +140,7 @@ class Module:
     def __init__(self) -> None:
         state = self.__dict__
         state.update(_parameters=OrderedDict(), _buffers=OrderedDict(), _modules=OrderedDict(), training=True,
-                     needs_input_grad=True, _saved=None, _pending=0, _depth=0, _out_meta=None, _workspace=None,
+                     needs_input_grad=True, _saved=None, _pending=0, _depth=0, _output=None, _workspace=None,
                      _scratch={},
                      _forward_hooks=OrderedDict(), _backward_hooks=OrderedDict(), _custom_name=None)
 
@@ -182,16 +183,17 @@ class Module:
         try:
             out = self.forward(*inputs)
         except BaseException:
-            if saving:  # forget what a failed pass saved
-                state["_saved"], state["_pending"] = None, 0
+            if saving:  # forget what a failed pass saved, here and in the children it reached
+                self._release_saved()
             raise
         if saving:
             state["_pending"] += 1
-            state["_out_meta"] = (out.shape, out.dtype, out.device) if isinstance(out, Tensor) else None
-        for hook in state["_forward_hooks"].values():
-            result = hook(self, inputs, out)
-            if result is not None:
-                out = result
+            state["_output"] = out  # what backward checks dout against
+        if state["_forward_hooks"]:
+            for hook in state["_forward_hooks"].values():
+                result = hook(self, inputs, out)
+                if result is not None:
+                    out = result
         return out
 
     def save_for_backward(self, *values: Any) -> None:
@@ -232,17 +234,17 @@ class Module:
             m.__dict__["_saved"], m.__dict__["_pending"] = None, 0
 
     def _check_dout(self, dout: Any) -> None:
-        meta = self.__dict__["_out_meta"]
-        if meta is None:
+        out = self.__dict__["_output"]
+        if not isinstance(out, Tensor):
             return
-        shape, dtype, device = meta
         if not isinstance(dout, Tensor):
-            raise ValueError(f"{self.name}.backward: dout must be a tensor shaped like the output {tuple(shape)}, "
-                             f"got {type(dout).__name__}")
-        if dout.shape != shape or dout.dtype != dtype or dout.device != device:
+            raise ValueError(f"{self.name}.backward: dout must be a tensor shaped like the output "
+                             f"{tuple(out.shape)}, got {type(dout).__name__}")
+        if dout.shape != out.shape or dout.dtype != out.dtype or dout.device != out.device:
             raise ValueError(
-                f"{self.name}.backward: dout must match the output of forward, shape {tuple(shape)} {dtype} on "
-                f"{device}; got shape {tuple(dout.shape)} {dout.dtype} on {dout.device}. dout is d loss / d output."
+                f"{self.name}.backward: dout must match the output of forward, shape {tuple(out.shape)} {out.dtype} "
+                f"on {out.device}; got shape {tuple(dout.shape)} {dout.dtype} on {dout.device}. dout is d loss / d "
+                "output."
             )
 
     def scratch(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor | None:
@@ -324,7 +326,7 @@ class Module:
         forward is caught too. Nothing the module saved or its workspace holds is changed.
         """
         modules = list(self.named_modules())
-        saved = [(m, {k: m.__dict__[k] for k in ("_saved", "_pending", "_out_meta", "_workspace")}) for _, m in modules]
+        saved = [(m, {k: m.__dict__[k] for k in ("_saved", "_pending", "_output", "_workspace")}) for _, m in modules]
         swapped = [(m, name, p, f"{mod_name}.{name}" if mod_name else name)
                    for mod_name, m in modules for name, p in m._parameters.items()]
         try:

@@ -77,16 +77,14 @@ class Optimizer(torch.optim.Optimizer):
         """The update of :meth:`step` alone: without torch's profiler annotation, step hooks and grad-mode switch
         around it (the fast step calls it when no hooks are registered)."""
         self._opt_called = True  # what torch.optim.lr_scheduler checks to know the optimizer stepped
+        flat = self.flat
         for index, group in enumerate(self.param_groups):
-            with_grad = [p for p in group["params"] if p.grad is not None]
-            if not with_grad:
-                continue
-            flat = self.flat
-            if flat is not None and flat.holds(index, with_grad):
+            if flat is not None and flat.holds(index, group["params"]):
                 scalars = self._scalar_tensors_for(group, flat.data)
                 self._update(group, flat.data, flat.grad, flat.adopt_state(self.state), scalars)
                 flat.share_state(self.state)
                 continue
+            with_grad = [p for p in group["params"] if p.grad is not None]
             for p in with_grad:
                 if p.grad.shape != p.shape or p.grad.dtype != p.dtype or p.grad.device != p.device:
                     raise RuntimeError(f"{type(self).__name__}.step: a parameter of shape {tuple(p.shape)} ({p.dtype}, "
@@ -108,7 +106,7 @@ class Optimizer(torch.optim.Optimizer):
         """The rule's scalars as 0-dim tensors on ``like``'s device and dtype, refreshed in place (``fill_``, no
         sync) when the group's hyperparameters change — except while a CUDA graph is being captured, which must read
         whatever they hold at replay."""
-        key = (id(group), like.device, like.dtype)
+        key = (id(group), like.dtype, like.is_cuda and like.get_device())
         values = self._scalars(group)
         entry = self._scalar_tensors.get(key)
         if entry is None:

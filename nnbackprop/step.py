@@ -192,17 +192,25 @@ class FastStep(SimpleStep):
             p.grad = None
         output = self.model(x)
         loss = self.loss_fn(output, y)
+        correct = num_correct(output, y)  # before backward, which may reuse the output's buffer
         self.model.backward(self.loss_fn.backward())
+        in_place = True
         for p, grad in zip(flat.params, flat.grad_views):
+            if p.grad is grad:
+                continue
             if p.grad is None:  # a parameter this batch did not reach: zero in the flat gradient, skipped by the update
                 grad.zero_()
+                in_place = False
+            else:  # a layer that assigned .grad itself: the flat gradient is what the hook and the update see
+                p.grad = grad.copy_(p.grad)
+        flat.grads_in_place = in_place
         if self.grad_hook is not None:
             self.grad_hook(flat.grad)
         if self._update is not None and not self.optimizer.has_hooks():
             self._update()
         else:
             self.optimizer.step()
-        return loss * x.shape[0], num_correct(output, y)
+        return loss * x.shape[0], correct
 
     # ------------------------------------------------------------------ CUDA graphs
     def _graphed(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

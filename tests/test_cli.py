@@ -207,3 +207,74 @@ def test_gradcheck_failure_exits_1_and_shows_the_failing_tensor(monkeypatch: pyt
     out = capsys.readouterr().out
     assert re.search(r"broken layer .* FAIL\n\s+weight .* FAIL", out), out
     assert out.strip().splitlines()[-1] == "1 passed, 1 failed"
+
+
+# ------------------------------------------------------------------------------------------------------ --model
+
+MODEL_FILE = '''
+import torch
+import nnbackprop as nb
+
+
+class Swish(nb.Module):
+    def forward(self, x):
+        self.check_input(x)
+        s = torch.sigmoid(x)
+        self.save_for_backward(x, s)
+        return x * s
+
+    def backward(self, dout):
+        x, s = self.saved_tensors
+        return dout * (s + x * s * (1 - s))
+
+
+def build(in_features, num_classes, generator):
+    return nb.Sequential(nb.Flatten(), nb.Linear(in_features, 16, generator=generator), Swish(),
+                         nb.Linear(16, num_classes, generator=generator))
+
+
+def broken():
+    raise RuntimeError("no model today")
+
+
+def not_a_model():
+    return torch.nn.Linear(3, 3)
+'''
+
+
+def test_a_users_model_trains_resumes_and_evaluates_from_the_command_line(tmp_path, mnist_dir, capsys):
+    model_file = tmp_path / "net.py"
+    model_file.write_text(MODEL_FILE)
+    args = ["train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--model", f"{model_file}:build",
+            "--out", str(tmp_path / "run"), *SMALL]
+    code, out, err = run(capsys, *args, "--epochs", "1")
+    assert code == 0, err
+    assert f"model: {model_file}:build (Sequential of 4 layers), 12,730 parameters" in out and "FastStep" in out
+    code, out, err = run(capsys, *args, "--epochs", "2", "--resume")
+    assert code == 0 and "epoch 2/2" in out, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["model"] == {"kind": "file", "spec": f"{model_file}:build", "path": str(model_file)}
+    code, out, err = run(capsys, "evaluate", str(tmp_path / "run"))
+    assert code == 0 and f"accuracy {100 * summary['test_accuracy']:.2f}%" in out, err
+
+    moved = tmp_path / "moved.py"
+    model_file.rename(moved)
+    code, out, err = run(capsys, "evaluate", str(tmp_path / "run"))
+    assert code == 2 and "that file is not here; pass --model PATH.py:FUNCTION" in err and len(err.splitlines()) == 1
+    code, out, err = run(capsys, "evaluate", str(tmp_path / "run"), "--model", f"{moved}:build")
+    assert code == 0 and f"accuracy {100 * summary['test_accuracy']:.2f}%" in out, err
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("missing.py:build", "no file"),
+    ("net.py:nothing", "has no function nothing"),
+    ("net.py:broken", r"broken\(\) raised RuntimeError: no model today"),
+    ("net.py:not_a_model", "returned a Linear, not an nnbackprop Module"),
+    ("syntax.py:build", "importing .*syntax.py failed: SyntaxError"),
+])
+def test_a_bad_model_file_is_one_line(tmp_path, mnist_dir, capsys, spec, message):
+    (tmp_path / "net.py").write_text(MODEL_FILE)
+    (tmp_path / "syntax.py").write_text("def build(:\n")
+    code, out, err = run(capsys, "train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--model",
+                         str(tmp_path / spec), "--out", str(tmp_path / "run"), *SMALL)
+    assert code == 2 and re.search(message, err) and len(err.splitlines()) == 1, err

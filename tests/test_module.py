@@ -1,0 +1,146 @@
+"""The module API a user's layer is written against: public names only, the checks every forward/backward gets for
+free, hooks, and parameters that are tensors whose gradients accumulate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_failed, assert_passed
+
+from nnbackprop import Linear, Module, Parameter, ReLU, Sequential, check_gradients, check_gradients_fd
+
+F64 = torch.float64
+
+
+class Scale(Module):
+    """A user's layer with a parameter, written with public names only: ``out = x · γ``."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.gamma = Parameter(torch.linspace(0.5, 1.5, features, dtype=F64))
+
+    def forward(self, x):
+        self.check_input(x, ndim=2, features=self.gamma.shape[0])
+        self.save_for_backward(x)
+        return x * self.gamma
+
+    def backward(self, dout):
+        (x,) = self.saved_tensors
+        self.gamma.accumulate((dout * x).sum(0))
+        return dout * self.gamma
+
+
+class ScaleReadingData(Scale):
+    """The same layer written with ``self.gamma.data``, as older code does: the checker must still trace it."""
+
+    def forward(self, x):
+        self.check_input(x, ndim=2, features=self.gamma.shape[0])
+        self.save_for_backward(x)
+        return x * self.gamma.data
+
+
+class DoubleScale(Scale):
+    """A subclass that calls ``super().forward`` and ``super().backward``."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+    def backward(self, dout):
+        return super().backward(2 * dout)
+
+
+@pytest.mark.parametrize("layer_class", [Scale, ScaleReadingData, DoubleScale])
+def test_a_users_layer_is_checked_against_autograd_and_finite_differences(layer_class):
+    x = torch.randn(5, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    layer = layer_class(4)
+    assert_passed(check_gradients(layer, x))
+    assert check_gradients_fd(layer, x)
+
+
+def test_a_wrong_backward_in_a_users_layer_fails_the_check():
+    class ScaleForgetsX(Scale):
+        def backward(self, dout):
+            self.gamma.accumulate(dout.sum(0))
+            return dout * self.gamma
+
+    x = torch.randn(5, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
+    assert_failed(check_gradients(ScaleForgetsX(4), x), "gamma")
+
+
+def test_parameters_are_tensors_that_never_require_grad_and_accumulate():
+    p = Parameter(torch.zeros(3))
+    assert isinstance(p, torch.Tensor) and isinstance(p, torch.nn.Parameter) and not p.requires_grad
+    assert (p + 1).requires_grad is False and type(p + 1) is torch.Tensor
+    d = torch.ones(3)
+    p.accumulate(d)
+    d.add_(5)  # the first gradient is a copy: changing the tensor passed in does not change it
+    p.accumulate(torch.ones(3))
+    assert torch.equal(p.grad, torch.full((3,), 2.0))
+    with pytest.raises(ValueError, match=r"shape \(3,\).*got \(2,\)"):
+        p.accumulate(torch.ones(2))
+    with pytest.raises(ValueError, match="float64"):
+        p.accumulate(torch.ones(3, dtype=F64))
+
+
+def _linear() -> Linear:
+    return Linear(3, 2, dtype=F64, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("misuse, message", [
+    (lambda m, x: m.backward(torch.ones(4, 2, dtype=F64)), r"called without a forward\(\)"),
+    (lambda m, x: (m(x), m.backward(torch.ones(4, 2, dtype=F64)), m.backward(torch.ones(4, 2, dtype=F64))),
+     r"called without a forward\(\)"),
+    (lambda m, x: (m(x), m(2 * x), m.backward(torch.ones(4, 2, dtype=F64))), "after 2 forward passes"),
+    (lambda m, x: (m(x), m.backward(torch.ones(4, 3, dtype=F64))), r"shape \(4, 2\).*got shape \(4, 3\)"),
+    (lambda m, x: (m(x), m.backward(torch.ones(4, 2))), r"torch.float64.*got shape \(4, 2\) torch.float32"),
+    (lambda m, x: (m(x), m.backward(torch.ones(4, 2, dtype=F64, device="meta"))), "on cpu; got .* on meta"),
+    (lambda m, x: (m(x), m.backward([1.0, 2.0])), "dout must be a tensor"),
+], ids=["before-forward", "twice", "two-forwards", "dout-shape", "dout-dtype", "dout-device", "dout-list"])
+def test_misuse_is_refused_naming_the_layer(misuse, message):
+    layer = _linear()
+    with pytest.raises((RuntimeError, ValueError), match=message) as info:
+        misuse(layer, torch.randn(4, 3, dtype=F64))
+    assert str(info.value).startswith("Linear(in_features=3, out_features=2, bias=True)")
+
+
+def test_after_a_refusal_the_next_forward_and_backward_work():
+    layer, x = _linear(), torch.randn(4, 3, dtype=F64)
+    layer(x)
+    layer(x)
+    with pytest.raises(RuntimeError, match="after 2 forward passes"):
+        layer.backward(torch.ones(4, 2, dtype=F64))
+    layer(x)
+    assert layer.backward(torch.ones(4, 2, dtype=F64)).shape == (4, 3)
+
+
+def test_a_failed_forward_forgets_what_it_saved():
+    model = Sequential(_linear(), ReLU(), Linear(5, 1, dtype=F64))  # the second Linear does not fit
+    with pytest.raises(ValueError, match="expected 5 input features"):
+        model(torch.randn(4, 3, dtype=F64))
+    with pytest.raises(RuntimeError, match="without a forward"):
+        model[0].backward(torch.ones(4, 2, dtype=F64))
+
+
+def test_hooks_see_every_output_and_gradient_and_can_be_removed():
+    layer, x = _linear(), torch.randn(4, 3, dtype=F64)
+    seen = []
+    forward = layer.register_forward_hook(lambda m, inputs, out: seen.append(("forward", m, inputs[0], out)))
+    backward = layer.register_full_backward_hook(lambda m, dx, dout: seen.append(("backward", m, dx[0], dout[0])))
+    out = layer(x)
+    dout = torch.ones_like(out)
+    dx = layer.backward(dout)
+    assert [s[0] for s in seen] == ["forward", "backward"] and all(s[1] is layer for s in seen)
+    assert seen[0][2] is x and seen[0][3] is out and seen[1][2] is dx and seen[1][3] is dout
+    forward.remove()
+    backward.remove()
+    layer(x)
+    layer.backward(dout)
+    assert len(seen) == 2
+
+
+def test_a_module_can_be_renamed_for_its_messages():
+    layer = Scale(4)
+    assert layer.name == "Scale()"
+    layer.name = "encoder.scale"
+    with pytest.raises(ValueError, match=r"^encoder.scale: expected 4 input features"):
+        layer(torch.randn(2, 3, dtype=F64))
