@@ -71,6 +71,25 @@ class TensorData:
         return TensorData(self.images[indices], self.labels[indices])
 
 
+def read_image(path: str | Path, shape: Sequence[int]) -> Tensor:
+    """An image file (any format PIL reads, any size, grey or colour) as a model of input ``shape`` ``(C, H, W)``
+    sees it in training: converted to grey (``C`` 1) or RGB (``C`` 3), resized to ``W x H`` (bilinear, aspect ratio
+    not kept); a ``uint8`` tensor of ``shape``.
+
+    Raises:
+        ValueError: the file cannot be read as an image (the message names it), or ``C`` is not 1 or 3.
+    """
+    channels, height, width = shape
+    if channels not in (1, 3):
+        raise ValueError(f"images have 1 (grey) or 3 (RGB) channels, not {channels}")
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if channels == 1 else "RGB").resize((width, height), Image.Resampling.BILINEAR)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(f"{path}: cannot read this image ({error}); remove or replace the file") from error
+    return pil_to_tensor(image)
+
+
 class ImageFolderData(Dataset):
     """A split of an image folder, read from disk one image at a time (in ``DataLoader`` workers).
 
@@ -98,13 +117,7 @@ class ImageFolderData(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         path, label = self.samples[index]
-        try:
-            with Image.open(path) as image:
-                image = image.convert("L" if self.grayscale else "RGB").resize((self.image_size, self.image_size),
-                                                                               Image.Resampling.BILINEAR)
-        except (OSError, SyntaxError, ValueError) as error:
-            raise ValueError(f"{path}: cannot read this image ({error}); remove or replace the file") from error
-        return pil_to_tensor(image), label
+        return read_image(path, (self.channels, self.image_size, self.image_size)), label
 
     @property
     def labels(self) -> Tensor:
