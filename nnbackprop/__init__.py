@@ -13,7 +13,8 @@ from nnbackprop.model import Sequential, mlp, to_torch
 from nnbackprop.module import Module, Parameter
 from nnbackprop.optim import SGD, Adam, AdamW
 from nnbackprop.step import FastStep, SimpleStep, make_step
-from nnbackprop.training import TrainCallback, TrainResult, train
+from nnbackprop.callbacks import TrainCallback, TrainResult
+from nnbackprop.training import train
 
 __version__ = "0.2.0"
 

@@ -145,8 +145,13 @@ class TrainConfig:
     fast: bool = setting(True, "run", "the fast step (buffers, flat parameters); --no-fast: the readable one",
                          resumable=True)
     cuda_graph: bool = setting(False, "run", "(CUDA) replay each training step as a CUDA graph", resumable=True)
-    log_every: int = setting(50, "run", "steps between reads of the running loss (progress, divergence check)",
-                             at_least(1), resumable=True)
+    log_every: int = setting(50, "run", "steps between reads of the running loss (progress, divergence check, "
+                             "diagnostics)", at_least(1), resumable=True)
+    diagnostics: str = setting("on", "run", "per-layer statistics in OUT/layers.jsonl: off, on (one step per log "
+                               "interval) or full (every step, averaged)", one_of("off", "on", "full"),
+                               resumable=True)
+    tensorboard: bool = setting(False, "run", "write TensorBoard logs to OUT/tensorboard (pip install "
+                                "'nnbackprop[tensorboard]')", resumable=True)
     out: str | None = setting(None, "run", "output directory (default: runs/DATASET)", resumable=True)
 
     def __post_init__(self) -> None:

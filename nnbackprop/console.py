@@ -9,7 +9,7 @@ from typing import IO, Any, NoReturn, Sequence
 
 from nnbackprop.errors import ERROR_PREFIX, one_line
 from nnbackprop.metrics import EpochMetrics
-from nnbackprop.training import RunInfo, TrainCallback, TrainResult
+from nnbackprop.callbacks import RunInfo, TrainCallback, TrainResult
 
 
 def print_error(message: Any) -> None:

@@ -12,7 +12,8 @@ from nnbackprop.datasets import DatasetNotFoundError, DataSplits
 from nnbackprop.files import WriteError
 from nnbackprop.module import Module
 from nnbackprop.plot import plot_history
-from nnbackprop.training import NonFiniteLossError, TrainResult, train
+from nnbackprop.callbacks import TrainResult
+from nnbackprop.training import NonFiniteLossError, train
 
 
 def run_experiment(config: TrainConfig, out_dir: str | Path, data: DataSplits | None = None,

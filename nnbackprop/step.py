@@ -218,6 +218,8 @@ class FastStep(SimpleStep):
         if self.layout.workspace.generation != self._generation:
             self._graphs.clear()
             self._generation = self.layout.workspace.generation
+        if self._hooked():  # a step someone watches (diagnostics) runs its hooks: eagerly
+            return self._on_side_stream(x, y)
         structure = self.optimizer.structure() if hasattr(self.optimizer, "structure") else None
         key = (tuple(x.shape), tuple(m.training for m in self.model.modules()), structure)
         entry = self._graphs.get(key)
@@ -237,6 +239,10 @@ class FastStep(SimpleStep):
         static_y.copy_(y)
         graph.replay()
         return loss_sum.clone(), n_correct.clone()
+
+    def _hooked(self) -> bool:
+        optimizer_hooks = getattr(self.optimizer, "has_hooks", lambda: True)()
+        return optimizer_hooks or any(m._forward_hooks or m._backward_hooks for m in self.model.modules())
 
     def _on_side_stream(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         device = x.device

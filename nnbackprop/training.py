@@ -30,19 +30,21 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
 from torch.optim.lr_scheduler import LRScheduler
 
 from nnbackprop.augment import augment_batch
+from nnbackprop.callbacks import Callbacks, RunInfo, TrainCallback, TrainResult
 from nnbackprop.checkpoint import (CHECKPOINT_FILE, CheckpointError, load_checkpoint, load_into, save_checkpoint,
                                    saved_config)
 from nnbackprop.config import TrainConfig, to_toml
 from nnbackprop.datasets import DataSplits, SplitData, load_dataset
+from nnbackprop.diagnostics import LAYERS_FILE, Diagnostics, read_layer_records, write_layer_records
 from nnbackprop.distributed import (DistContext, all_reduce_mean_hook, broadcast_module, gather_objects,
                                     local_batch_size, rank_seed, reduce_metrics, resolve_device)
 from nnbackprop.files import prepare_output_dir, remove_stale_temp_files, write_text
@@ -58,7 +60,7 @@ from nnbackprop.step import TrainStep, make_step, num_correct
 
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.toml"
-RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, SUMMARY_FILE, CONFIG_FILE)
+RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, SUMMARY_FILE, CONFIG_FILE, LAYERS_FILE)
 EVAL_BATCH_SIZE = 1000
 LOSSES: dict[str, type[Loss]] = {"ce": CrossEntropyLoss, "mse": MSELoss, "bce": BCEWithLogitsLoss}
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
@@ -220,67 +222,13 @@ class NonFiniteLossError(RuntimeError):
                          f"{kept}")
 
 
-# ------------------------------------------------------------------------------------------------------ reports
-
-
-@dataclass(frozen=True)
-class RunInfo:
-    """What :meth:`TrainCallback.on_train_begin` is told about the run."""
-
-    config: TrainConfig
-    data: DataSplits
-    model: Module
-    num_parameters: int
-    device: torch.device
-    step: str
-    step_reason: str | None
-    steps_per_epoch: int
-    start_epoch: int
-    out_dir: Path | None
-
-
-@dataclass
-class TrainResult:
-    """What :func:`train` returns. ``model`` holds the best weights (lowest validation loss; the last epoch's without
-    a validation split); ``history`` has one :class:`~nnbackprop.metrics.EpochMetrics` per epoch trained, resumed runs
-    included."""
-
-    model: Module
-    history: list[EpochMetrics]
-    best_epoch: int | None
-    stopped_early: bool
-    test_loss: float
-    test_accuracy: float
-    wall_time: float
-    summary: dict[str, Any] = field(repr=False)
-
-
-class TrainCallback:
-    """Hooks through which :func:`train` reports; each does nothing here. Subclass to print, plot or record."""
-
-    def on_train_begin(self, info: RunInfo) -> None:
-        """Before the first epoch (also when resuming; ``info.start_epoch`` epochs are already done)."""
-
-    def on_epoch_begin(self, epoch: int, num_steps: int) -> None:
-        """Before the ``num_steps`` steps of epoch ``epoch`` (1-based)."""
-
-    def on_step(self, epoch: int, step: int, running_loss: float | None) -> None:
-        """After each step; ``running_loss`` (the mean training loss of the epoch so far) every ``log_every`` steps
-        and at the last step of the epoch, ``None`` in between."""
-
-    def on_epoch_end(self, metrics: EpochMetrics) -> None:
-        """After an epoch's validation, once its checkpoint is written."""
-
-    def on_train_end(self, result: TrainResult) -> None:
-        """After the test evaluation."""
-
-
 # ------------------------------------------------------------------------------------------------------ the loop
 
 
 def train(config: TrainConfig, model: Module | None = None, data: DataSplits | None = None, *,
           out_dir: str | Path | None = None, resume: bool = False, overwrite: bool = False,
-          callback: TrainCallback | None = None, dist: DistContext | None = None) -> TrainResult:
+          callback: TrainCallback | Sequence[TrainCallback] | None = None,
+          dist: DistContext | None = None) -> TrainResult:
     """Train the model described by ``config`` (or ``model``); see the module docstring for the procedure.
 
     Args:
@@ -294,7 +242,8 @@ def train(config: TrainConfig, model: Module | None = None, data: DataSplits | N
         resume: continue the run whose checkpoint is in the output folder. The settings must be the checkpoint's,
             except those :meth:`~nnbackprop.config.TrainConfig.resumable` lists.
         overwrite: start afresh even though the output folder holds a checkpoint (otherwise an error).
-        callback: receives progress and metrics.
+        callback: receives progress and metrics (one callback or several). With ``config.tensorboard`` a
+            :class:`~nnbackprop.tensorboard.TensorBoardLogger` joins them.
         dist: the data-parallel context from :func:`~nnbackprop.distributed.init_distributed` when launched by
             ``torchrun``. ``batch_size`` is then the global batch, each rank training on its shard of every batch
             with the gradients averaged over the ranks (one ``all_reduce`` per step), dropout masks drawn per rank,
@@ -309,12 +258,19 @@ def train(config: TrainConfig, model: Module | None = None, data: DataSplits | N
     """
     started = time.perf_counter()
     dist = dist or DistContext()
-    callback = callback if callback is not None and dist.is_main else TrainCallback()
     device = dist.device if dist.distributed else resolve_device(config.device)
     local_batch_size(config.batch_size, dist.world_size)
     out = Path(out_dir) if out_dir is not None else Path(config.out) if config.out is not None else None
     checkpoint_path = out / CHECKPOINT_FILE if out is not None else None
     writes = out is not None and dist.is_main
+    callbacks = [] if callback is None else [callback] if isinstance(callback, TrainCallback) else list(callback)
+    if config.tensorboard and dist.is_main:
+        if out is None:
+            raise ValueError("tensorboard needs an output folder (--out) to write its logs into")
+        from nnbackprop.tensorboard import TensorBoardLogger  # an optional extra: imported only when asked for
+
+        callbacks.append(TensorBoardLogger(out))
+    callback = Callbacks(callbacks) if dist.is_main else TrainCallback()
     if writes:
         prepare_output_dir(out)
         remove_stale_temp_files(out, RUN_FILES)
@@ -366,17 +322,20 @@ def train(config: TrainConfig, model: Module | None = None, data: DataSplits | N
                      **({"cuda_graph": True} if config.cuda_graph else {}))
     start_epoch = len(history)
     num_parameters = sum(p.numel() for p in model.parameters())
+    diagnostics = None if config.diagnostics == "off" else Diagnostics(model, optimizer, config.diagnostics,
+                                                                       callback.wants_activations)
+    records = read_layer_records(out / LAYERS_FILE, up_to_epoch=start_epoch) if saved is not None and out else []
     if writes:
         write_text(out / CONFIG_FILE, to_toml(config))
 
     callback.on_train_begin(RunInfo(config, data, model, num_parameters, device, type(step).__name__,
-                                    step.fallback_reason, steps_per_epoch, start_epoch, out))
+                                    step.fallback_reason, steps_per_epoch, start_epoch, out, diagnostics))
     for epoch in range(start_epoch + 1, config.epochs + 1):
         if early.should_stop:
             break
         epoch_start = time.perf_counter()
-        loss, accuracy, lr = _train_epoch(step, loss_fn, train_loader, epoch, config, scheduler, generator, callback,
-                                          checkpoint_path, len(history), dist)
+        loss, accuracy, lr = train_epoch(step, loss_fn, train_loader, epoch, config, scheduler, generator, callback,
+                                          checkpoint_path, len(history), dist, diagnostics, records)
         train_seconds = time.perf_counter() - epoch_start
         if not all(bool(p.isfinite().all()) for p in model.parameters()):
             raise NonFiniteLossError("the weights", epoch, steps_per_epoch, steps_per_epoch, steps_per_epoch,
@@ -398,6 +357,8 @@ def train(config: TrainConfig, model: Module | None = None, data: DataSplits | N
             save_checkpoint(checkpoint_path, _checkpoint(config, data, model, passed, optimizer, scheduler, early,
                                                          generators, history, device, elapsed, dist.world_size))
             write_metrics(out, history)
+            if diagnostics is not None:
+                write_layer_records(out, records)
         callback.on_epoch_end(history[-1])
 
     if early.best_state is not None:
@@ -432,11 +393,17 @@ def train(config: TrainConfig, model: Module | None = None, data: DataSplits | N
     return result
 
 
-def _train_epoch(step: TrainStep, loss_fn: Loss, loader: Loader, epoch: int, config: TrainConfig,
+def train_epoch(step: TrainStep, loss_fn: Loss, loader: Loader, epoch: int, config: TrainConfig,
                  scheduler: LRScheduler, generator: torch.Generator, callback: TrainCallback,
-                 checkpoint_path: Path | None, last_good_epoch: int, dist: DistContext) -> tuple[float, float, float]:
-    """One pass over ``loader``; returns the epoch's mean training loss, accuracy and last learning rate, over all
-    ranks (the running loss is reduced at each ``log_every`` read, so all ranks stop together on divergence)."""
+                 checkpoint_path: Path | None, last_good_epoch: int, dist: DistContext,
+                 diagnostics: Diagnostics | None, records: list[dict[str, Any]]) -> tuple[float, float, float]:
+    """One epoch of :func:`train`: a step per batch of ``loader`` (augmented as ``config`` says), the schedule
+    stepped after each; returns the epoch's mean training loss, accuracy and last learning rate, over all ranks.
+
+    The running loss is read (and reduced over the ranks) every ``config.log_every`` steps and at the last: that read
+    is the divergence check (:class:`NonFiniteLossError`, ``checkpoint_path`` and ``last_good_epoch`` for its
+    message) and carries the interval's ``diagnostics`` (when given), whose record is appended to ``records`` and
+    told to ``callback``."""
     loader.set_epoch(epoch)
     num_steps = len(loader)
     callback.on_epoch_begin(epoch, num_steps)
@@ -445,27 +412,39 @@ def _train_epoch(step: TrainStep, loss_fn: Loss, loader: Loader, epoch: int, con
     seen = torch.zeros((), dtype=torch.int64, device=loader.device)
     checked = 0
     lr = scheduler.get_last_lr()[0]
-    for i, (x, y) in enumerate(loader, start=1):
-        if config.shift or config.flip:
-            x = augment_batch(x, shift=config.shift, flip=config.flip, generator=generator)
-        lr = scheduler.get_last_lr()[0]
-        batch_loss, batch_correct = step(x, y)
-        scheduler.step()
-        loss_sum += batch_loss
-        correct += batch_correct
-        seen += len(y)
-        running = None
-        if i % config.log_every == 0 or i == num_steps:
-            total, count = reduce_metrics(dist, loss_sum, seen)
-            running = total.item() / count.item()
-            if not math.isfinite(running):
-                label_error = loss_fn.label_error()
-                if label_error is not None:
-                    raise ValueError(label_error)
-                raise NonFiniteLossError("the training loss", epoch, checked + 1, i, num_steps, checkpoint_path,
-                                         last_good_epoch)
-            checked = i
-        callback.on_step(epoch, i, running)
+    try:
+        for i, (x, y) in enumerate(loader, start=1):
+            if config.shift or config.flip:
+                x = augment_batch(x, shift=config.shift, flip=config.flip, generator=generator)
+            lr = scheduler.get_last_lr()[0]
+            if diagnostics is not None and diagnostics.due(i, config.log_every, num_steps):
+                diagnostics.arm()
+            batch_loss, batch_correct = step(x, y)
+            scheduler.step()
+            loss_sum += batch_loss
+            correct += batch_correct
+            seen += len(y)
+            running = None
+            if i % config.log_every == 0 or i == num_steps:
+                total, count = reduce_metrics(dist, loss_sum, seen)
+                pending = diagnostics.pending() if diagnostics is not None else None
+                values = torch.cat([torch.stack([total, count.double()]), pending]) if pending is not None else None
+                numbers = values.tolist() if values is not None else [total.item(), count.item()]  # the one read
+                running = numbers[0] / numbers[1]
+                if not math.isfinite(running):
+                    label_error = loss_fn.label_error()
+                    if label_error is not None:
+                        raise ValueError(label_error)
+                    raise NonFiniteLossError("the training loss", epoch, checked + 1, i, num_steps, checkpoint_path,
+                                             last_good_epoch)
+                checked = i
+                if diagnostics is not None:
+                    records.append(diagnostics.read(epoch, i, (epoch - 1) * num_steps + i, numbers[2:]))
+                    callback.on_interval(records[-1])
+            callback.on_step(epoch, i, running)
+    finally:
+        if diagnostics is not None:
+            diagnostics.close()
     loss_sum, correct, seen = reduce_metrics(dist, loss_sum, correct, seen)
     return loss_sum.item() / seen.item(), correct.item() / seen.item(), lr
 

@@ -19,7 +19,8 @@ from nnbackprop.inference import load_model
 from nnbackprop.loaders import make_loader
 from nnbackprop.losses import CrossEntropyLoss
 from nnbackprop.metrics import METRICS_FILE
-from nnbackprop.training import SUMMARY_FILE, NonFiniteLossError, TrainCallback, TrainResult, evaluate, train
+from nnbackprop.callbacks import TrainCallback, TrainResult
+from nnbackprop.training import SUMMARY_FILE, NonFiniteLossError, evaluate, train
 
 # A small run: 3 classes of 6x6 images, 300 training examples, 10 steps per epoch.
 BASE = TrainConfig(dataset="toy", hidden=(16,), epochs=3, batch_size=32, lr=0.05, device="cpu", log_every=4)
