@@ -103,8 +103,3 @@ def test_experiment_scripts_parse_the_same_options(capsys):
     with pytest.raises(SystemExit):
         parse_config(["--lr", "-1"])
     assert capsys.readouterr().err == "nnbackprop: error: invalid training configuration: lr must be > 0, got -1.0\n"
-
-
-def test_what_a_resumed_run_may_change():
-    assert set(TrainConfig.resumable()) == {"data_dir", "download", "epochs", "patience", "device", "fast",
-                                            "cuda_graph", "log_every", "out"}
