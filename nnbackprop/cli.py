@@ -6,6 +6,7 @@ Every command exits non-zero with one "nnbackprop: error: ..." line for bad argu
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -132,17 +133,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reports(error: BaseException) -> bool:
+    """Whether this process prints ``error``: under torchrun every rank meets the same settings, data and checkpoint,
+    so rank 0 alone reports them; an error of this rank's own (``DistributedError``) is reported where it happens."""
+    return os.environ.get("RANK", "0") == "0" or isinstance(error, DistributedError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
     except NonFiniteLossError as error:
-        print_error(f"{error}. Lower the learning rate (--lr) or add warm-up (--warmup-epochs)")
+        if _reports(error):
+            print_error(f"{error}. Lower the learning rate (--lr) or add warm-up (--warmup-epochs)")
         return 1
     except (ValueError, ImportError, FileNotFoundError, FileExistsError, DistributedError, WriteError,
             CheckpointError, DatasetNotFoundError) as error:
-        print_error(error)
+        if _reports(error):
+            print_error(error)
         return 2
     except KeyboardInterrupt:
         where = getattr(args, "out_dir", None)

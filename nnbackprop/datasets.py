@@ -1,14 +1,16 @@
 """Data sets: finding their files, reading them, and splitting them into train / validation / test.
 
 :func:`load_dataset` returns a :class:`DataSplits`: train / val / test splits, the class names, and per-channel
-normalisation statistics of the train split. MNIST, Fashion-MNIST and CIFAR-10 cat-vs-dog are small enough to live in
-memory as ``uint8`` tensors (:class:`TensorData`); an ``imagefolder:PATH`` data set is read from its image files on
-demand (:class:`ImageFolderData`). Turning a split into batches is :mod:`nnbackprop.loaders`' job.
+normalisation statistics of the train split. MNIST, Fashion-MNIST, CIFAR-10 cat-vs-dog and image folders of up to a
+few GB live in memory as ``uint8`` tensors (:class:`TensorData`); a larger ``imagefolder:PATH`` data set is read from
+its image files during training (:class:`ImageFolderData`). Turning a split into batches is :mod:`nnbackprop.loaders`'
+job.
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 import math
 import os
 import pickle
@@ -29,7 +31,10 @@ SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 """Where the Debian package ``dataset-fashion-mnist`` installs the four idx files."""
 
 STATS_SAMPLE_SIZE = 1000
-"""Number of training images the normalisation statistics of an ``imagefolder:`` data set are estimated from."""
+"""Number of training images the normalisation statistics of an image folder read from disk are estimated from."""
+
+IN_MEMORY_BYTES = 2 * 2**30
+"""An image folder whose images, resized, fit in this many bytes is read into memory once, before training."""
 
 MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -66,6 +71,10 @@ class TensorData:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    @property
+    def channels(self) -> int:
+        return self.images.shape[1]
 
     def subset(self, indices: Tensor) -> "TensorData":
         return TensorData(self.images[indices], self.labels[indices])
@@ -227,15 +236,38 @@ def _text(value: str | bytes) -> str:
     return value.decode("latin1") if isinstance(value, bytes) else value
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Rebuilds only what a CIFAR-10 batch holds — dicts, lists, strings, numbers and NumPy arrays — and refuses every
+    other class or function a pickle names, so a crafted file cannot run code."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it asks for {module}.{name}, which a CIFAR-10 batch never holds")
+        return super().find_class(module, name)
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is made only of what a CIFAR-10 batch holds (numeric or byte arrays, no objects)."""
+    if isinstance(value, (str, bytes, int, float)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return type(value).__name__ == "ndarray" and value.dtype.kind in "biuf"
+
+
 def _read_cifar_pickle(path: Path) -> dict[str, Any]:
-    """A pickled dict of the CIFAR-10 python version, with its keys as ``str``."""
+    """A pickled dict of the CIFAR-10 python version, with its keys as ``str``, read by a restricted unpickler."""
     try:
-        entry = pickle.loads(_read_bytes(path), encoding="latin1")
-    except Exception as error:  # a damaged pickle fails in many ways, all of which mean the same thing here
+        entry = _CifarUnpickler(io.BytesIO(_read_bytes(path)), encoding="latin1").load()
+    except Exception as error:  # a damaged or hostile pickle fails in many ways, all of which mean the same here
         raise ValueError(f"{path}: not a readable CIFAR-10 pickle ({type(error).__name__}: {error}); delete "
                          "cifar-10-batches-py and get it again") from error
-    if not isinstance(entry, dict):
-        raise ValueError(f"{path}: expected a pickled dict, got {type(entry).__name__}")
+    if not isinstance(entry, dict) or not all(isinstance(k, (str, bytes)) and _plain(v) for k, v in entry.items()):
+        raise ValueError(f"{path}: expected a dict of arrays, lists, strings and numbers, got "
+                         f"{type(entry).__name__}; delete cifar-10-batches-py and get it again")
     return {_text(key): value for key, value in entry.items()}
 
 
@@ -409,6 +441,39 @@ def default_num_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
+def worker_error(error: BaseException) -> str:
+    """The message of an error raised in a ``DataLoader`` worker, without the traceback the loader wraps it in."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    name = type(error).__name__
+    original = [line for line in lines if line.startswith(f"{name}: ")]
+    return original[-1].removeprefix(f"{name}: ") if original else (lines[0] if lines else name)
+
+
+def _decode(data: ImageFolderData, num_workers: int) -> TensorData:
+    """Every image of ``data`` read into memory (in ``num_workers`` processes), so that a file that is not an image
+    stops the run before training, and training reads no file."""
+    loader = DataLoader(data, batch_size=64, num_workers=num_workers if len(data) > 256 else 0)  # few: no workers
+    try:
+        batches = list(loader)
+    except ValueError as error:
+        raise ValueError(worker_error(error)) from None
+    if not batches:
+        return TensorData(torch.empty(0, data.channels, data.image_size, data.image_size, dtype=torch.uint8),
+                          torch.empty(0, dtype=torch.int64))
+    return TensorData(torch.cat([images for images, _ in batches]), torch.cat([labels for _, labels in batches]))
+
+
+def _image_folder(path: Path) -> torchvision.datasets.ImageFolder:
+    try:
+        folder = torchvision.datasets.ImageFolder(str(path))
+    except FileNotFoundError as error:  # no class subfolder, or a class subfolder without images
+        raise DatasetNotFoundError(f"image folder {path}: {error}; it needs one subfolder of images per class")
+    if len(folder.classes) < 2:
+        raise ValueError(f"image folder {path} has {len(folder.classes)} class subfolder ({folder.classes[0]}); a "
+                         "classifier needs at least two classes, one subfolder each")
+    return folder
+
+
 def _load_image_folder(name: str, root: Path, val_size: int, seed: int, image_size: int,
                        grayscale: bool) -> DataSplits:
     if not root.is_dir():
@@ -417,18 +482,25 @@ def _load_image_folder(name: str, root: Path, val_size: int, seed: int, image_si
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
     has_test = (root / "train").is_dir() and (root / "test").is_dir()
-    folder = torchvision.datasets.ImageFolder(str(root / "train" if has_test else root))
+    folder = _image_folder(root / "train" if has_test else root)
     data = ImageFolderData(folder.samples, image_size, grayscale)
+    test = None
     if has_test:
-        test_folder = torchvision.datasets.ImageFolder(str(root / "test"))
+        test_folder = _image_folder(root / "test")
         if test_folder.classes != folder.classes:
             raise ValueError(f"{root}/train has classes {folder.classes} but {root}/test has {test_folder.classes}; "
                              "both need the same class subdirectories")
         test = ImageFolderData(test_folder.samples, image_size, grayscale)
-    else:
+    size = (len(data) + (len(test) if test is not None else 0)) * data.channels * image_size**2
+    if size <= IN_MEMORY_BYTES:  # every file read once, here: a broken one is named before any training
+        data = _decode(data, default_num_workers())
+        test = _decode(test, default_num_workers()) if test is not None else None
+    if test is None:
         data, test = _hold_out(data, val_size, seed, "test")
     train, val = _hold_out(data, val_size, seed, "val")
-    mean, std = _mean_std(_folder_histogram(train, seed, default_num_workers()))
+    histogram = (_histogram(train.images) if isinstance(train, TensorData)
+                 else _folder_histogram(train, seed, default_num_workers()))
+    mean, std = _mean_std(histogram)
     return DataSplits(name, train, val, test, list(folder.classes), (data.channels, image_size, image_size), mean, std,
                       str(root))
 
@@ -461,11 +533,13 @@ def load_dataset(
             :func:`default_search_dirs` (``/usr/share/datasets/fashion-mnist`` for Fashion-MNIST, then
             :func:`cache_dir`).
 
-    ``imagefolder:PATH`` is a ``torchvision.datasets.ImageFolder`` directory (one subdirectory per class) whose images
-    are read on demand (:class:`ImageFolderData`). If ``PATH`` has ``train/`` and ``test/`` subdirectories, test is
-    ``PATH/test`` and train / val come from ``PATH/train``; otherwise test is carved first from ``PATH``, with
-    ``val_size`` images as well. Its normalisation statistics are estimated from :data:`STATS_SAMPLE_SIZE` training
-    images; ``data_dir``, ``download`` and ``search_dirs`` do not apply to it.
+    ``imagefolder:PATH`` is a ``torchvision.datasets.ImageFolder`` directory (one subdirectory per class, at least two
+    classes). If ``PATH`` has ``train/`` and ``test/`` subdirectories, test is ``PATH/test`` and train / val come
+    from ``PATH/train``; otherwise test is carved first from ``PATH``, with ``val_size`` images as well. When the
+    resized images fit in :data:`IN_MEMORY_BYTES` they are all read once, here, into :class:`TensorData` (a file that
+    is not an image stops the load, named); a larger folder is read from disk during training
+    (:class:`ImageFolderData`, its normalisation statistics estimated from :data:`STATS_SAMPLE_SIZE` training images).
+    ``data_dir``, ``download`` and ``search_dirs`` do not apply to it.
 
     Raises:
         DatasetNotFoundError: no searched place has the data set (and ``download`` is off); the message lists them.

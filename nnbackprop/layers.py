@@ -54,8 +54,9 @@ class Linear(Module):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
-        if in_features <= 0 or out_features <= 0:
-            raise ValueError(f"Linear: feature sizes must be positive, got in={in_features}, out={out_features}")
+        for what, size in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+                raise ValueError(f"Linear: {what} must be a positive integer, got {size!r}")
         if init not in LINEAR_INITS:
             raise ValueError(f"Linear: unknown init '{init}', choose one of {', '.join(LINEAR_INITS)}")
         self.in_features = in_features
@@ -166,6 +167,8 @@ class LeakyReLU(_Elementwise):
 
     def __init__(self, negative_slope: float = 0.01) -> None:
         super().__init__()
+        if isinstance(negative_slope, bool) or not isinstance(negative_slope, (int, float)):
+            raise ValueError(f"LeakyReLU: negative_slope must be a number, got {negative_slope!r}")
         self.negative_slope = negative_slope
 
     def _forward(self, x: Tensor, out: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -255,8 +258,10 @@ class Dropout(Module):
 
     def __init__(self, p: float = 0.5, generator: torch.Generator | None = None) -> None:
         super().__init__()
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"Dropout: p must be in [0, 1], got {p}")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p <= 1.0:
+            raise ValueError(f"Dropout: p must be a number in [0, 1], got {p!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ValueError(f"Dropout: generator must be a torch.Generator or None, got {type(generator).__name__}")
         self.p = p
         self.generator = generator
 
@@ -339,8 +344,8 @@ class BatchNorm1d(Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if num_features <= 0:
-            raise ValueError(f"BatchNorm1d: num_features must be positive, got {num_features}")
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
+            raise ValueError(f"BatchNorm1d: num_features must be a positive integer, got {num_features!r}")
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum

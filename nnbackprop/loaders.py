@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Sampler
 
-from nnbackprop.datasets import ImageFolderData, SplitData, TensorData, default_num_workers, permutation
+from nnbackprop.datasets import (ImageFolderData, SplitData, TensorData, default_num_workers, permutation,
+                                 worker_error)
 
 
 
@@ -181,7 +182,14 @@ class StreamingLoader(_SampledLoader):
                                  pin_memory=self.device.type == "cuda", persistent_workers=num_workers > 0)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        for images, labels in self.loader:  # (B, 3, S, S) uint8, (B,) int64
+        batches = iter(self.loader)
+        while True:
+            try:
+                images, labels = next(batches)  # (B, C, S, S) uint8, (B,) int64
+            except StopIteration:
+                return
+            except ValueError as error:  # an unreadable image, named by the worker that met it
+                raise ValueError(worker_error(error)) from None
             images = images.to(self.device, non_blocking=True)
             yield normalize(images, self._mean, self._std, self.dtype), labels.to(self.device, non_blocking=True)
 

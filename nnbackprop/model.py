@@ -116,12 +116,21 @@ def mlp(
         flatten: start with ``Flatten()`` so image batches ``(N, C, H, W)`` can be fed directly.
         generator: random source for the initial weights and the dropout masks.
     """
+    def positive_int(value: Any) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+    if not positive_int(in_features) or not positive_int(out_features):
+        raise ValueError(f"mlp: in_features and out_features must be positive integers, got {in_features!r} and "
+                         f"{out_features!r}")
+    if isinstance(hidden, (int, str)) or not isinstance(hidden, Sequence):
+        raise ValueError(f"mlp: hidden must be a list of layer widths such as [512, 512] (or [] for none), got "
+                         f"{hidden!r}")
+    if not all(positive_int(h) for h in hidden):
+        raise ValueError(f"mlp: hidden layer widths must be positive integers, got {list(hidden)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"mlp: unknown activation '{activation}', choose one of {', '.join(ACTIVATIONS)}")
-    if any(int(h) <= 0 for h in hidden):
-        raise ValueError(f"mlp: hidden sizes must be positive integers, got {list(hidden)}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"mlp: dropout must be in [0, 1), got {dropout}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise ValueError(f"mlp: dropout must be a number in [0, 1), got {dropout!r}")
     layers: list[Module] = [Flatten()] if flatten else []
     width = in_features
     for h in hidden:

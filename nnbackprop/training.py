@@ -283,8 +283,7 @@ def train(config: TrainConfig, model: Module | None = None, data: DataSplits | N
                             config.image_size, grayscale=config.grayscale)
     if saved is not None:
         _check_same_data(saved["data"], data.info(), checkpoint_path)
-    if len(data.val) == 0 and config.patience is not None:
-        raise ValueError("early stopping (patience) needs a validation split; set val_size > 0")
+    check_fits(config, data)
     if writes and not resume:
         for name in RUN_FILES:
             (out / name).unlink(missing_ok=True)
@@ -391,6 +390,30 @@ def train(config: TrainConfig, model: Module | None = None, data: DataSplits | N
     result = TrainResult(model, history, early.best_epoch, stopped_early, test_loss, test_accuracy, wall_time, summary)
     callback.on_train_end(result)
     return result
+
+
+def check_fits(config: TrainConfig, data: DataSplits) -> None:
+    """Raise a ``ValueError`` naming the limit when ``config`` cannot make sense for ``data``, before any training:
+    empty splits, fewer than two classes, labels out of range, augmentation shifts as large as the images."""
+    if len(data.train) == 0:
+        raise ValueError(f"{data.name}: the training split is empty")
+    if len(data.test) == 0:
+        raise ValueError(f"{data.name} has no test split: give an image folder a test/ folder beside train/, or let one "
+                         "be carved from the images with --val-size > 0")
+    if data.num_classes < 2:
+        raise ValueError(f"{data.name} has {data.num_classes} class; a classifier needs at least two")
+    if len(data.val) == 0 and config.patience is not None:
+        raise ValueError("early stopping (patience) needs a validation split; set val_size > 0")
+    height, width = data.input_shape[1:]
+    if config.shift >= min(height, width):
+        raise ValueError(f"shift {config.shift} px does not fit {data.name}'s {height}x{width} images: random shifts "
+                         f"must stay below {min(height, width)} px (2 to 4 suit 28-32 px images)")
+    for split, part in (("train", data.train), ("val", data.val), ("test", data.test)):
+        if len(part):
+            low, high = (int(v) for v in torch.aminmax(part.labels))
+            if low < 0 or high >= data.num_classes:
+                raise ValueError(f"{data.name}: the {split} split has label {low if low < 0 else high}, outside "
+                                 f"[0, {data.num_classes - 1}] for its {data.num_classes} classes")
 
 
 def train_epoch(step: TrainStep, loss_fn: Loss, loader: Loader, epoch: int, config: TrainConfig,

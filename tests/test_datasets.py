@@ -4,15 +4,19 @@ system Fashion-MNIST where it is installed."""
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
+from pathlib import Path
 
 import pytest
 import torch
 from datagen import (CIFAR10_CLASSES, fake_images, image_ids, write_fake_cifar10, write_fake_mnist,
                      write_idx, write_image_folder)
 
-from nnbackprop.datasets import (MNIST_FILES, SYSTEM_FASHION_MNIST, DatasetNotFoundError, ImageFolderData, load_dataset,
-                                 read_idx)
+from nnbackprop import datasets
+from nnbackprop.datasets import (MNIST_FILES, SYSTEM_FASHION_MNIST, DatasetNotFoundError, ImageFolderData, TensorData,
+                                 load_dataset, read_idx)
+from nnbackprop.loaders import make_loader
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                    "Ankle boot"]
@@ -137,6 +141,26 @@ def test_corrupt_cifar_pickle_names_the_file(tmp_path):
         load_dataset("cifar10-catdog", data_dir=tmp_path, search_dirs=[])
 
 
+class _RunsCode:
+    """Unpickling this calls os.system: what a crafted batches.meta would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_crafted_cifar_pickle_runs_no_code(tmp_path):
+    write_fake_cifar10(tmp_path)
+    marker = tmp_path / "pwned"
+    meta = tmp_path / "cifar-10-batches-py" / "batches.meta"
+    meta.write_bytes(pickle.dumps({"label_names": CIFAR10_CLASSES, "num_cases_per_batch": _RunsCode(marker)}))
+    with pytest.raises(ValueError, match=r"batches.meta: not a readable CIFAR-10 pickle .*posix.system") as info:
+        load_dataset("cifar10-catdog", data_dir=tmp_path, search_dirs=[])
+    assert not marker.exists() and "\n" not in str(info.value)
+
+
 def test_cifar_batch_with_wrong_shape(tmp_path):
     write_fake_cifar10(tmp_path)
     path = tmp_path / "cifar-10-batches-py" / "test_batch"
@@ -180,20 +204,58 @@ def test_mean_std_from_the_train_split_only(tmp_path):
 # --- image folders -------------------------------------------------------------------------------------------------
 
 
-def test_image_folder_carves_val_and_test(tmp_path):
+@pytest.mark.parametrize("in_memory", [True, False], ids=["read-into-memory", "read-during-training"])
+def test_image_folder_carves_val_and_test(tmp_path, monkeypatch, in_memory):
+    if not in_memory:
+        monkeypatch.setattr(datasets, "IN_MEMORY_BYTES", 0)
     write_image_folder(tmp_path, per_class=6)
     splits = load_dataset(f"imagefolder:{tmp_path}", val_size=2, seed=0, image_size=8)
     assert splits.classes == ["cat", "dog"] and splits.input_shape == (3, 8, 8) and splits.source == str(tmp_path)
-    assert all(isinstance(part, ImageFolderData) for part in (splits.train, splits.val, splits.test))
+    kind = TensorData if in_memory else ImageFolderData
+    assert all(isinstance(part, kind) for part in (splits.train, splits.val, splits.test))
     assert (len(splits.train), len(splits.val), len(splits.test)) == (8, 2, 2)
-    paths = [path for part in (splits.train, splits.val, splits.test) for path, _ in part.samples]
-    assert len(set(paths)) == 12
+    if not in_memory:
+        paths = [path for part in (splits.train, splits.val, splits.test) for path, _ in part.samples]
+        assert len(set(paths)) == 12
     # cats are black and dogs gray 100, in every channel: the statistics follow the train split's class balance
     dogs = splits.train.labels.double().mean().item()
     assert splits.mean == pytest.approx((100 / 255 * dogs,) * 3)
     assert splits.std == pytest.approx((100 / 255 * (dogs * (1 - dogs)) ** 0.5,) * 3)
     again = load_dataset(f"imagefolder:{tmp_path}", val_size=2, seed=0, image_size=8)
-    assert again.val.samples == splits.val.samples and again.test.samples == splits.test.samples
+    assert torch.equal(again.val.labels, splits.val.labels) and torch.equal(again.test.labels, splits.test.labels)
+    grey = load_dataset(f"imagefolder:{tmp_path}", val_size=2, seed=0, image_size=8, grayscale=True)
+    assert grey.input_shape == (1, 8, 8) and len(grey.mean) == 1
+
+
+@pytest.mark.parametrize("damage", ["truncated", "text"])
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_a_broken_image_in_any_split_is_named_before_training(tmp_path, damage, split):
+    write_image_folder(tmp_path / "train", per_class=4)
+    write_image_folder(tmp_path / "test", per_class=2)
+    broken = tmp_path / split / "dog" / "1.png"
+    broken.write_bytes(broken.read_bytes()[:40] if damage == "truncated" else b"this is no image\n")
+    with pytest.raises(ValueError, match=r"dog/1.png: cannot read this image") as info:
+        load_dataset(f"imagefolder:{tmp_path}", val_size=1, image_size=8)
+    assert "\n" not in str(info.value) and "Traceback" not in str(info.value)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the stopped worker's pipe
+def test_a_broken_image_met_while_streaming_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(datasets, "IN_MEMORY_BYTES", 0)
+    write_image_folder(tmp_path, per_class=6)
+    splits = load_dataset(f"imagefolder:{tmp_path}", val_size=2, image_size=8)
+    path = splits.train.samples[0][0]
+    Path(path).write_bytes(b"garbage")
+    loader = make_loader(splits.train, 4, mean=splits.mean, std=splits.std, num_workers=1)
+    with pytest.raises(ValueError, match="cannot read this image") as info:
+        list(loader)
+    assert str(info.value).startswith(path) and "\n" not in str(info.value)
+
+
+def test_an_image_folder_needs_two_classes(tmp_path):
+    write_image_folder(tmp_path, per_class=5, classes=("cat",))
+    with pytest.raises(ValueError, match="has 1 class subfolder .cat.; a classifier needs at least two"):
+        load_dataset(f"imagefolder:{tmp_path}", val_size=1)
 
 
 def test_image_folder_errors(tmp_path):

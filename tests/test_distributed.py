@@ -344,3 +344,11 @@ def test_torchrun_train_matches_one_process(tmp_path: Path) -> None:
     s1, s2 = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("one", "two"))
     assert s2["test_accuracy"] == s1["test_accuracy"]
     assert abs(s2["test_loss"] - s1["test_loss"]) < 1e-10
+
+    # a single process's checkpoint resumed by two ranks: both refuse it, one line says why
+    resume = subprocess.run([*launcher[:-3], f"--master_port={free_port()}", "-m", "nnbackprop", *common,
+                             "--out", str(tmp_path / "one"), "--resume", "--epochs", "3"], env=env,
+                            capture_output=True, text=True, timeout=180)
+    assert resume.returncode != 0
+    errors = [line for line in resume.stderr.splitlines() if "nnbackprop: error:" in line]
+    assert len(errors) == 1 and "written by 1 process(es); resume it with as many" in errors[0], resume.stderr

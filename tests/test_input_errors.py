@@ -7,8 +7,8 @@ from typing import Callable
 import pytest
 import torch
 
-from nnbackprop import (GELU, BatchNorm1d, BCEWithLogitsLoss, CrossEntropyLoss, Dropout, Flatten, Linear, Module,
-                        MSELoss, ReLU, Sequential, mlp)
+from nnbackprop import (GELU, BatchNorm1d, BCEWithLogitsLoss, CrossEntropyLoss, Dropout, Flatten, LeakyReLU, Linear,
+                        Module, MSELoss, ReLU, Sequential, mlp)
 
 LINEAR = "Linear(in_features=4, out_features=3, bias=True)"
 
@@ -125,14 +125,20 @@ def test_loss_backward_twice() -> None:
 
 
 BAD_ARGUMENTS = {
-    "linear-zero-features": (lambda: Linear(0, 3), "Linear: feature sizes must be positive, got in=0, out=3"),
+    "linear-zero-features": (lambda: Linear(0, 3), "Linear: in_features must be a positive integer, got 0"),
+    "linear-float-features": (lambda: Linear(3, 2.0), "Linear: out_features must be a positive integer, got 2.0"),
     "linear-init": (lambda: Linear(2, 3, init="he"), "unknown init 'he', choose one of default, kaiming, xavier"),
-    "dropout-p": (lambda: Dropout(1.5), "Dropout: p must be in [0, 1], got 1.5"),
+    "dropout-p": (lambda: Dropout(1.5), "Dropout: p must be a number in [0, 1], got 1.5"),
+    "dropout-text": (lambda: Dropout("0.5"), "Dropout: p must be a number in [0, 1], got '0.5'"),
+    "leaky-slope-text": (lambda: LeakyReLU("0.1"), "LeakyReLU: negative_slope must be a number, got '0.1'"),
     "gelu-approximate": (lambda: GELU("fast"), "GELU: approximate must be 'none' or 'tanh', got 'fast'"),
-    "batchnorm-features": (lambda: BatchNorm1d(0), "BatchNorm1d: num_features must be positive, got 0"),
+    "batchnorm-features": (lambda: BatchNorm1d(0), "BatchNorm1d: num_features must be a positive integer, got 0"),
     "mlp-activation": (lambda: mlp(4, [3], 2, activation="swish"), "unknown activation 'swish'"),
-    "mlp-hidden": (lambda: mlp(4, [3, 0], 2), "hidden sizes must be positive integers, got [3, 0]"),
-    "mlp-dropout": (lambda: mlp(4, [3], 2, dropout=1.0), "dropout must be in [0, 1), got 1.0"),
+    "mlp-hidden": (lambda: mlp(4, [3, 0], 2), "hidden layer widths must be positive integers, got [3, 0]"),
+    "mlp-hidden-int": (lambda: mlp(784, 512, 10), "mlp: hidden must be a list of layer widths such as [512, 512]"),
+    "mlp-hidden-float": (lambda: mlp(784, [2.5], 10), "hidden layer widths must be positive integers, got [2.5]"),
+    "mlp-in-features": (lambda: mlp("784", [8], 10), "in_features and out_features must be positive integers"),
+    "mlp-dropout": (lambda: mlp(4, [3], 2, dropout=1.0), "dropout must be a number in [0, 1), got 1.0"),
 }
 
 

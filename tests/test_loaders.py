@@ -7,6 +7,7 @@ import pytest
 import torch
 from datagen import fake_images, write_image_folder
 
+from nnbackprop import datasets
 from nnbackprop.datasets import TensorData, load_dataset
 from nnbackprop.loaders import DeviceLoader, ShardedBatchSampler, StreamingLoader, make_loader, normalize
 
@@ -114,7 +115,8 @@ def test_device_loader_on_cuda_matches_cpu():
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_streaming_loader_batches(tmp_path, num_workers):
+def test_streaming_loader_batches(tmp_path, num_workers, monkeypatch):
+    monkeypatch.setattr(datasets, "IN_MEMORY_BYTES", 0)  # a folder too large to read into memory
     write_image_folder(tmp_path / "train", per_class=5)
     write_image_folder(tmp_path / "test", per_class=2)
     splits = load_dataset(f"imagefolder:{tmp_path}", val_size=3, image_size=6)
