@@ -20,7 +20,7 @@ from nnbackprop.distributed import DistributedError, cleanup, init_distributed
 from nnbackprop.files import WriteError
 from nnbackprop.gradcheck import LAYOUTS
 from nnbackprop.inference import evaluate_checkpoint
-from nnbackprop.plot import plot_history, require_matplotlib
+from nnbackprop.plot import plot_run, require_matplotlib
 from nnbackprop.training import NonFiniteLossError, train
 
 GRADCHECK_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -48,7 +48,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     print(f"results in {out}/ (checkpoint.pt, metrics.jsonl, summary.json, config.toml)")
     if args.plot:
-        paths = plot_history(result.history, out)
+        paths = plot_run(result, out)
         print("plots: " + ", ".join(str(p) for p in paths))
     return 0
 
@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
     g.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
-    g.add_argument("--plot", action="store_true", help="write loss and accuracy curves as PNG (needs matplotlib)")
+    g.add_argument("--plot", action="store_true", help="write the loss, accuracy and learning-rate curves as PNG, and the "
+                   "per-layer diagnostics when the run recorded layers.jsonl (needs matplotlib)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on its data set's test split",

@@ -78,20 +78,64 @@ def test_divergence_is_one_line_with_a_hint(tmp_path, mnist_dir, capsys):
     assert "non-finite in epoch 1, step" in err and "--lr" in err
 
 
-def test_plot_writes_curves(tmp_path, mnist_dir, capsys):
+def test_plot_writes_curves_and_diagnostics(tmp_path, mnist_dir, capsys, monkeypatch):
     pytest.importorskip("matplotlib", reason="--plot needs the optional matplotlib")
-    code, out, err = run(capsys, "train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--epochs", "2",
-                         "--out", str(tmp_path / "run"), "--plot", *SMALL)
+    from nnbackprop import cli
+
+    record = {"epoch": 1, "step": 5, "global_step": 5,
+              "layers": {"1": {"type": "Linear", "dx_norm": None}, "2": {"type": "ReLU", "saturated": 0.5,
+                                                                         "dead": 0.1, "dx_norm": 0.02}},
+              "parameters": {"1.weight": {"norm": 3.0, "grad_norm": 0.1, "update_ratio": 0.001}}}
+    real_train = cli.train
+
+    def train_recording_layers(config, **kwargs):  # what the training loop's layer recording will leave behind
+        result = real_train(config, **kwargs)
+        (kwargs["out_dir"] / "layers.jsonl").write_text(json.dumps(record) + "\n")
+        return result
+
+    args = ["train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--epochs", "2", "--plot", *SMALL]
+    code, out, err = run(capsys, *args, "--out", str(tmp_path / "run"))
     assert code == 0, err
-    for name in ("loss.png", "accuracy.png"):
-        assert (tmp_path / "run" / name).read_bytes().startswith(b"\x89PNG")
+    curves = [tmp_path / "run" / name for name in ("loss.png", "accuracy.png", "lr.png")]
+    assert out.splitlines()[-1] == "plots: " + ", ".join(str(p) for p in curves)
+    for path in curves:
+        assert path.read_bytes().startswith(b"\x89PNG")
+    assert not (tmp_path / "run" / "gradients.png").exists()
+
+    monkeypatch.setattr(cli, "train", train_recording_layers)
+    code, out, err = run(capsys, *args, "--out", str(tmp_path / "recorded"))
+    assert code == 0, err
+    written = out.splitlines()[-1].removeprefix("plots: ").split(", ")
+    names = ["loss.png", "accuracy.png", "lr.png", "gradients.png", "update_ratio.png", "saturation.png"]
+    assert written == [str(tmp_path / "recorded" / name) for name in names]
+    assert all((tmp_path / "recorded" / name).read_bytes().startswith(b"\x89PNG") for name in names)
+
+
+def test_plot_of_a_malformed_layer_record_is_one_line(tmp_path, mnist_dir, capsys, monkeypatch):
+    pytest.importorskip("matplotlib", reason="--plot needs the optional matplotlib")
+    from nnbackprop import cli
+
+    real_train = cli.train
+
+    def train_with_a_broken_record(config, **kwargs):
+        result = real_train(config, **kwargs)
+        (kwargs["out_dir"] / "layers.jsonl").write_text('{"epoch": 1, "step"\n')
+        return result
+
+    monkeypatch.setattr(cli, "train", train_with_a_broken_record)
+    code, out, err = run(capsys, "train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--epochs", "1",
+                         "--out", str(tmp_path / "run"), "--plot", *SMALL)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"{tmp_path / 'run' / 'layers.jsonl'}, line 1: not a layer record" in err
+    assert (tmp_path / "run" / "checkpoint.pt").is_file() and (tmp_path / "run" / "loss.png").is_file()
 
 
 def test_plot_without_matplotlib_fails_before_training(tmp_path, mnist_dir, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes "import matplotlib" raise ImportError
     code, out, err = run(capsys, "train", "--dataset", "mnist", "--data-dir", str(mnist_dir),
                          "--out", str(tmp_path / "run"), "--plot", *SMALL)
-    assert code == 2 and "pip install 'nnbackprop[plot]'" in err and out == ""
+    assert code == 2 and "pip install 'nnbackprop[plot]'" in err and len(err.splitlines()) == 1 and out == ""
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("argv, message", [
