@@ -6,16 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from PIL import Image
 
-pytest.importorskip("matplotlib", reason="plotting needs the optional matplotlib")
-
-from PIL import Image  # noqa: E402
-
-from nnbackprop.metrics import EpochMetrics  # noqa: E402
-from nnbackprop.plot import (LAYERS_FILE, diagnostics_figures, diagnostics_grid_figure, epoch_positions,  # noqa: E402
+from nnbackprop.metrics import EpochMetrics
+from nnbackprop.plot import (LAYERS_FILE, diagnostics_figures, diagnostics_grid_figure, epoch_positions,
                              history_figures, plot_diagnostics, plot_diagnostics_grid, plot_history, plot_run,
                              read_layer_records, run_title)
-from nnbackprop.training import TrainResult  # noqa: E402
+from nnbackprop.training import TrainResult
+
+pytest.importorskip("matplotlib", reason="plotting needs the optional matplotlib")  # nnbackprop.plot imports it lazily
 
 
 def history(epochs: int = 5, best: int = 3, lr: tuple[float, float] = (0.1, 0.1),
