@@ -138,8 +138,9 @@ def format_evaluation(e: Evaluation) -> str:
     The count columns are headed by the class names when they fit in 60 characters, else by the classes' numbers,
     which then begin the rows."""
     where = f"the {e.dataset} test split" if e.split == "test" else f"all images of {e.dataset}"
-    lines = [(f"{e.checkpoint} (after epoch {e.epoch}) on {where} ({e.num_examples} examples from {e.source}): "
-              f"loss {e.loss:.4f} accuracy {100 * e.accuracy:.2f}%"), ""]
+    weights = f", weights of epoch {e.best_epoch}" if e.best_epoch not in (None, e.epoch) else ""
+    lines = [(f"{e.checkpoint} (after epoch {e.epoch}{weights}) on {where} ({e.num_examples} examples from "
+              f"{e.source}): loss {e.loss:.4f} accuracy {100 * e.accuracy:.2f}%"), ""]
     count_width = len(str(max(e.support, default=0)))
     by_name = sum(max(len(c), count_width) + 2 for c in e.classes) <= 60
     heads = list(e.classes) if by_name else [str(i) for i in range(len(e.classes))]

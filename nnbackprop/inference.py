@@ -194,6 +194,7 @@ class Evaluation:
     Attributes:
         checkpoint: the checkpoint file evaluated.
         epoch: epochs it had trained.
+        best_epoch: the epoch whose weights were evaluated (lowest validation loss); ``None``: the last epoch's.
         dataset: the data set's name (``"mnist"``, ``"imagefolder:PATH"``).
         split: ``"test"`` (its test split) or ``"all"`` (every image of a folder without ``train/`` and ``test/``).
         source: where the examples were read from.
@@ -205,6 +206,7 @@ class Evaluation:
 
     checkpoint: str
     epoch: int
+    best_epoch: int | None
     dataset: str
     split: str
     source: str
@@ -355,5 +357,6 @@ def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, data_di
     loader = make_loader(examples, batch_size, mean=info["mean"], std=info["std"], device=torch_device,
                          dtype=DTYPES[config.dtype])
     loss, confusion = confusion_matrix(rebuilt, loss_fn, loader, len(classes))
-    return Evaluation(str(resolve_checkpoint(path)), checkpoint["epoch"], name, split, source, classes, loss,
-                      int(confusion.trace()) / int(confusion.sum()), confusion.tolist())
+    best_epoch = checkpoint["early_stopping"].get("best_epoch") if checkpoint["best_model"] is not None else None
+    return Evaluation(str(resolve_checkpoint(path)), checkpoint["epoch"], best_epoch, name, split, source, classes,
+                      loss, int(confusion.trace()) / int(confusion.sum()), confusion.tolist())

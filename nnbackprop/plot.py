@@ -187,6 +187,8 @@ def history_figures(history: Sequence[EpochMetrics], *, title: str | None = None
     axes.plot(epochs, lrs, marker=marker, markersize=3, color="C4", label="lr")
     if min(lrs) > 0 and max(lrs) / min(lrs) > 10:
         axes.set_yscale("log")
+    else:
+        axes.set_ylim(0, 1.1 * max(lrs) or 1)
     if best_epoch is not None:
         axes.axvline(best_epoch, color="0.35", linestyle=":", label=f"best epoch {best_epoch}")
     axes.legend(fontsize=8)

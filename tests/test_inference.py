@@ -150,7 +150,7 @@ def test_read_images_names_a_missing_or_unreadable_file(run, tmp_path):
 
 def test_evaluation_metrics_follow_from_the_confusion_matrix():
     confusion = [[5, 1, 0], [2, 3, 0], [0, 0, 0]]
-    e = Evaluation("c.pt", 2, "toy", "all", "here", ["a", "b", "c"], 0.5, 8 / 11, confusion)
+    e = Evaluation("c.pt", 2, 1, "toy", "all", "here", ["a", "b", "c"], 0.5, 8 / 11, confusion)
     assert e.num_examples == 11 and e.support == [6, 5, 0]
     assert e.precision == [5 / 7, 3 / 4, None]  # nothing was predicted as c
     assert e.recall == [5 / 6, 3 / 5, None]  # there is no c
@@ -163,6 +163,7 @@ def test_evaluate_on_the_training_test_split_gives_the_training_result(run):
     out, summary = run
     e = evaluate_checkpoint(out, device="cpu")
     assert e.split == "test" and e.classes == list(CLASSES)
+    assert e.epoch == summary["epochs_trained"] and e.best_epoch == summary["best_epoch"]
     assert e.num_examples == summary["data"]["sizes"]["test"]
     assert e.accuracy == summary["test_accuracy"]
     assert e.loss == pytest.approx(summary["test_loss"], rel=1e-5, abs=1e-7)
