@@ -115,8 +115,9 @@ def best_epoch_of(history: Sequence[EpochMetrics]) -> int | None:
 
 def headline(title: str | None, test_accuracy: float | None = None, best_epoch: int | None = None) -> str:
     """``"title — test accuracy 88.16% (best epoch 3)"``, leaving out what is ``None``."""
-    parts = [part for part in (title, f"test accuracy {100 * test_accuracy:.2f}%" if test_accuracy is not None
-                               else None) if part]
+    parts = [title] if title else []
+    if test_accuracy is not None:
+        parts.append(f"test accuracy {100 * test_accuracy:.2f}%")
     text = " — ".join(parts)
     if best_epoch is not None:
         text += f" (best epoch {best_epoch})" if text else f"best epoch {best_epoch}"
