@@ -11,8 +11,8 @@ No data set is bundled: pass --download (CIFAR-10, 170 MB), --data-dir DIR (hold
     python experiments/cat_vs_dog.py --download
     python experiments/cat_vs_dog.py --dataset imagefolder:~/data/cats_and_dogs --image-size 48
 
-Writes results/cat_vs_dog/: checkpoint.pt, metrics.jsonl, summary.json, and loss.png / accuracy.png when matplotlib is
-installed.
+Writes results/cat_vs_dog/: checkpoint.pt, metrics.jsonl, summary.json, and loss.png / accuracy.png / lr.png
+when matplotlib is installed.
 """
 
 import sys

@@ -27,8 +27,8 @@ less and batch normalisation makes the most of the budget.
     python experiments/fashion_mnist_mlp.py                     # the full run
     python experiments/fashion_mnist_mlp.py --epochs 3 --device cpu  # any setting as an option (see --help)
 
-Writes results/fashion_mnist_mlp/: checkpoint.pt, metrics.jsonl, summary.json, and loss.png / accuracy.png when
-matplotlib is installed.
+Writes results/fashion_mnist_mlp/: checkpoint.pt, metrics.jsonl, summary.json, and loss.png / accuracy.png / lr.png
+when matplotlib is installed.
 """
 
 import sys

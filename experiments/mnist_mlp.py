@@ -8,8 +8,8 @@ MNIST is not bundled: pass --data-dir DIR (a directory holding the four idx file
     python experiments/mnist_mlp.py --download
     python experiments/mnist_mlp.py --data-dir ~/data/mnist --epochs 3
 
-Writes results/mnist_mlp/: checkpoint.pt, metrics.jsonl, summary.json, and loss.png / accuracy.png when matplotlib is
-installed.
+Writes results/mnist_mlp/: checkpoint.pt, metrics.jsonl, summary.json, and loss.png / accuracy.png / lr.png
+when matplotlib is installed.
 """
 
 import sys

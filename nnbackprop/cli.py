@@ -1,4 +1,4 @@
-"""The command line: nnbackprop train, evaluate and gradcheck.
+"""The command line: nnbackprop train, evaluate, predict and gradcheck.
 
 Every command exits non-zero with one "nnbackprop: error: ..." line for bad arguments or input.
 """
@@ -6,6 +6,7 @@ Every command exits non-zero with one "nnbackprop: error: ..." line for bad argu
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -15,13 +16,13 @@ import torch
 
 from nnbackprop.checkpoint import CheckpointError
 from nnbackprop.config import OneLineParser, add_arguments, config_from_args, default_out
-from nnbackprop.console import ConsoleLogger, print_error
+from nnbackprop.console import ConsoleLogger, format_evaluation, format_predictions, print_error
 from nnbackprop.datasets import DatasetNotFoundError
 from nnbackprop.distributed import DistributedError, cleanup, init_distributed
 from nnbackprop.files import WriteError
 from nnbackprop.gradcheck import LAYOUTS
-from nnbackprop.inference import evaluate_checkpoint
-from nnbackprop.plot import plot_history, require_matplotlib
+from nnbackprop.inference import evaluate_checkpoint, predict_files
+from nnbackprop.plot import plot_run, require_matplotlib
 from nnbackprop.training import NonFiniteLossError, train
 
 GRADCHECK_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -49,16 +50,21 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     print(f"results in {out}/ (checkpoint.pt, metrics.jsonl, summary.json, config.toml)")
     if args.plot:
-        paths = plot_history(result.history, out)
+        paths = plot_run(result, out)
         print("plots: " + ", ".join(str(p) for p in paths))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    r = evaluate_checkpoint(args.checkpoint, data_dir=args.data_dir, device=args.device, batch_size=args.batch_size,
-                            model=args.model)
-    print(f"{args.checkpoint} (after epoch {r['epoch']}) on the {r['dataset']} test split ({r['num_examples']} "
-          f"examples from {r['source']}): loss {r['test_loss']:.4f} accuracy {100 * r['test_accuracy']:.2f}%")
+    evaluation = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
+                                     device=args.device, batch_size=args.batch_size, model=args.model)
+    print(json.dumps(evaluation.to_dict(), indent=2) if args.json else format_evaluation(evaluation))
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    predictions = predict_files(args.checkpoint, args.images, top=args.top, device=args.device, model=args.model)
+    print(json.dumps(predictions, indent=2) if args.json else format_predictions(predictions))
     return 0
 
 
@@ -91,6 +97,13 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------------ parser
 
 
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--model``, for the commands that load a checkpoint."""
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.add_argument("--model", metavar="PATH.py:FUNCTION", help="rebuild the model with this function instead of the "
+                   "one the checkpoint records")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="nnbackprop", description="A multilayer perceptron with hand-written backpropagation on "
                      "torch tensors, every gradient checked against torch.autograd.")
@@ -105,18 +118,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
     g.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
-    g.add_argument("--plot", action="store_true", help="write loss and accuracy curves as PNG (needs matplotlib)")
+    g.add_argument("--plot", action="store_true", help="write the loss, accuracy and learning-rate curves as PNG, "
+                   "and the per-layer diagnostics when the run recorded layers.jsonl (needs matplotlib)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", help="evaluate a checkpoint on its data set's test split",
-                       description="Evaluate a trained model on the test split of the data set it was trained on.")
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint on its data set's test split, or on another data set",
+                       description="Evaluate a trained model on the test split of the data set it was trained on, or "
+                       "on another data set with the same classes (--dataset): accuracy, loss, and per class the "
+                       "precision, recall, support and confusion counts.")
     p.add_argument("checkpoint", type=Path, help="a checkpoint.pt written by nnbackprop train, or its run folder")
+    p.add_argument("--dataset", metavar="NAME", help="evaluate on this data set instead: a name (mnist, ...) for its "
+                   "test split, or imagefolder:PATH for PATH/test if PATH has train/ and test/, else all of PATH's "
+                   "images; its classes must be the model's (default: the training data set's test split)")
     p.add_argument("--data-dir", help="where the data set is (default: where training found it)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    add_model_arguments(p)
     p.add_argument("--batch-size", type=int, default=1000)
-    p.add_argument("--model", metavar="PATH.py:FUNCTION", help="rebuild the model with this function instead of the "
-                   "one the checkpoint records")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="the most likely classes of image files",
+                       description="Print the most likely classes of each image file (any size, grey or colour), "
+                       "with their probabilities; the images are prepared as the training images were.")
+    p.add_argument("checkpoint", type=Path, help="a checkpoint.pt written by nnbackprop train, or its run folder")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any format PIL reads)")
+    p.add_argument("--top", type=int, metavar="K", help="how many classes per image (default: 3, or fewer classes)")
+    add_model_arguments(p)
+    p.add_argument("--json", action="store_true", help="print one JSON document: a list of {image, top: [{class, "
+                   "probability}, ...]}")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("gradcheck", help="check every built-in layer and loss against torch.autograd",
                        description="Check every built-in layer, loss and a few models against torch.autograd (and "

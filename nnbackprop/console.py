@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import IO, Any, NoReturn, Sequence
+from typing import IO, TYPE_CHECKING, Any, Mapping, NoReturn, Sequence
 
 from nnbackprop.errors import ERROR_PREFIX, one_line
 from nnbackprop.metrics import EpochMetrics
 from nnbackprop.callbacks import RunInfo, TrainCallback, TrainResult
+
+if TYPE_CHECKING:
+    from nnbackprop.inference import Evaluation
 
 
 def print_error(message: Any) -> None:
@@ -120,4 +123,38 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(c.ljust(w) if isinstance(v, str) else c.rjust(w) for c, w, v in zip(row, widths, values))
               for row, values in zip(cells, (r.values() for r in rows))]
+    return "\n".join(lines)
+
+
+def format_predictions(predictions: Sequence[Mapping[str, Any]]) -> str:
+    """One line per image of :func:`~nnbackprop.inference.predict_files`: ``cat.1.jpg: cats 91.3%, dogs 8.7%``."""
+    return "\n".join(f"{p['image']}: " + ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in p["top"])
+                     for p in predictions)
+
+
+def format_evaluation(e: Evaluation) -> str:
+    """An :class:`~nnbackprop.inference.Evaluation`: a line with where, loss and accuracy, then per class (a row
+    each, by true class) its precision, recall, support and confusion counts (how often predicted as each class).
+    The count columns are headed by the class names when they fit in 60 characters, else by the classes' numbers,
+    which then begin the rows."""
+    where = f"the {e.dataset} test split" if e.split == "test" else f"all images of {e.dataset}"
+    weights = f", weights of epoch {e.best_epoch}" if e.best_epoch not in (None, e.epoch) else ""
+    lines = [(f"{e.checkpoint} (after epoch {e.epoch}{weights}) on {where} ({e.num_examples} examples from "
+              f"{e.source}): loss {e.loss:.4f} accuracy {100 * e.accuracy:.2f}%"), ""]
+    count_width = len(str(max(e.support, default=0)))
+    by_name = sum(max(len(c), count_width) + 2 for c in e.classes) <= 60
+    heads = list(e.classes) if by_name else [str(i) for i in range(len(e.classes))]
+    widths = [max(len(h), count_width) for h in heads]
+    names = list(e.classes) if by_name else [f"{i:>{len(heads[-1])}} {c}" for i, c in enumerate(e.classes)]
+    name_width = max(len("class"), *map(len, names))
+
+    def percent(value: float | None) -> str:
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    label = "predicted as:"
+    lines.append(f"{'class':<{name_width}}  precision  recall  support  | {label} "
+                 + "  ".join(h.rjust(w) for h, w in zip(heads, widths)))
+    for name, p, r, n, row in zip(names, e.precision, e.recall, e.support, e.confusion):
+        lines.append(f"{name:<{name_width}}  {percent(p):>9}  {percent(r):>6}  {n:>7}  | {'':{len(label)}} "
+                     + "  ".join(str(c).rjust(w) for c, w in zip(row, widths)))
     return "\n".join(lines)

@@ -178,22 +178,54 @@ def write_layer_records(out_dir: str | Path, records: Sequence[dict[str, Any]]) 
     write_text(Path(out_dir) / LAYERS_FILE, "".join(json.dumps(r) + "\n" for r in records))
 
 
+def _record_problem(record: Any) -> str | None:
+    """What is wrong with ``record`` as a line of ``layers.jsonl``; ``None`` if nothing."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    for key in ("epoch", "step", "global_step"):
+        if not isinstance(record.get(key), int) or isinstance(record.get(key), bool):
+            return f"{key} = {record.get(key)!r}, expected an integer"
+    for section in ("layers", "parameters"):
+        entries = record.get(section, {})
+        if not isinstance(entries, dict) or not all(isinstance(v, dict) for v in entries.values()):
+            return f"{section} is not an object of objects"
+        for name, values in entries.items():
+            for key, value in values.items():
+                if key != "type" and value is not None and (isinstance(value, bool)
+                                                             or not isinstance(value, (int, float))):
+                    return f"{section}[{name!r}][{key!r}] = {value!r}, expected a number or null"
+    return None
+
+
 def read_layer_records(path: str | Path, up_to_epoch: int | None = None) -> list[dict[str, Any]]:
-    """The records of a ``layers.jsonl`` (those of epochs up to ``up_to_epoch``); an empty list when there is none.
+    """The records of a ``layers.jsonl`` file, one dict per non-blank line (those of epochs up to ``up_to_epoch``);
+    ``[]`` for a missing or empty file.
 
     Raises:
-        ValueError: a line is not a record (naming the file and the line).
+        ValueError: a line is not a JSON object with integer ``epoch``, ``step`` and ``global_step`` and numeric (or
+            null) per-layer and per-parameter values; the message names the file and the line.
     """
     path = Path(path)
-    if not path.is_file():
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
         return []
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: cannot read the layer records ({error}); delete the file to go on without it") \
+            from error
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
         try:
             record = json.loads(line)
-            epoch = record["epoch"]
-        except (ValueError, TypeError, KeyError) as error:
-            raise ValueError(f"{path}, line {number}: not a diagnostics record ({error})") from None
-        if up_to_epoch is None or epoch <= up_to_epoch:
+        except json.JSONDecodeError as error:
+            problem: str | None = f"not JSON ({error.msg} at column {error.colno})"
+        else:
+            problem = _record_problem(record)
+        if problem is not None:
+            raise ValueError(f"{path}, line {number}: not a layer record: {problem}; delete that line (or the file) "
+                             "to go on without it")
+        if up_to_epoch is None or record["epoch"] <= up_to_epoch:
             records.append(record)
     return records

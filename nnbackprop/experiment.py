@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from nnbackprop.config import TrainConfig
-from nnbackprop.console import ConsoleLogger, fail
+from nnbackprop.console import ConsoleLogger, fail, print_error
 from nnbackprop.datasets import DatasetNotFoundError, DataSplits
 from nnbackprop.files import WriteError
 from nnbackprop.module import Module
-from nnbackprop.plot import plot_history
+from nnbackprop.plot import plot_run
 from nnbackprop.callbacks import TrainResult
 from nnbackprop.training import NonFiniteLossError, train
 
@@ -19,9 +19,10 @@ from nnbackprop.training import NonFiniteLossError, train
 def run_experiment(config: TrainConfig, out_dir: str | Path, data: DataSplits | None = None,
                    model: Module | None = None, progress: bool | None = None) -> TrainResult:
     """Train as an experiment script does: a :class:`~nnbackprop.console.ConsoleLogger` (progress bars when stderr
-    is a terminal), results in ``out_dir`` (replacing an earlier run's), curves plotted when matplotlib is installed.
-    Exits with one error line when the data set is missing, the settings do not fit it, a file cannot be written, or
-    the training diverges."""
+    is a terminal), results in ``out_dir`` (replacing an earlier run's), the curves and diagnostics plotted
+    (:func:`~nnbackprop.plot.plot_run`) when matplotlib is installed. Exits with one error line when the data set is
+    missing, the settings do not fit it, a file cannot be written, or the training diverges; prints one error line
+    and goes on when the plots cannot be drawn (e.g. a malformed ``layers.jsonl``)."""
     logger = ConsoleLogger(progress=sys.stderr.isatty() if progress is None else progress)
     try:
         result = train(config, model, data, out_dir=out_dir, overwrite=True, callback=logger)
@@ -30,9 +31,11 @@ def run_experiment(config: TrainConfig, out_dir: str | Path, data: DataSplits | 
     finally:
         logger.close()
     try:
-        plot_history(result.history, out_dir)
+        plot_run(result, out_dir)
     except ImportError:
         print("(no plots: matplotlib is not installed; pip install 'nnbackprop[plot]')")
+    except (ValueError, WriteError) as error:  # the run is done and saved: say why it has no plots, and go on
+        print_error(error)
     return result
 
 

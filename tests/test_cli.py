@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
-from datagen import write_fake_mnist
+import torchvision
+from datagen import write_fake_mnist, write_image_folder
+from PIL import Image
 
 from conftest import ROOT, subprocess_env
 
@@ -78,20 +81,50 @@ def test_divergence_is_one_line_with_a_hint(tmp_path, mnist_dir, capsys):
     assert "non-finite in epoch 1, step" in err and "--lr" in err
 
 
-def test_plot_writes_curves(tmp_path, mnist_dir, capsys):
+def test_plot_writes_curves_and_diagnostics(tmp_path, mnist_dir, capsys):
     pytest.importorskip("matplotlib", reason="--plot needs the optional matplotlib")
-    code, out, err = run(capsys, "train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--epochs", "2",
-                         "--out", str(tmp_path / "run"), "--plot", *SMALL)
+    args = ["train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--epochs", "2", "--plot", *SMALL]
+    code, out, err = run(capsys, *args, "--out", str(tmp_path / "run"), "--diagnostics", "off")
     assert code == 0, err
-    for name in ("loss.png", "accuracy.png"):
-        assert (tmp_path / "run" / name).read_bytes().startswith(b"\x89PNG")
+    curves = [tmp_path / "run" / name for name in ("loss.png", "accuracy.png", "lr.png")]
+    assert out.splitlines()[-1] == "plots: " + ", ".join(str(p) for p in curves)
+    for path in curves:
+        assert path.read_bytes().startswith(b"\x89PNG")
+    assert not (tmp_path / "run" / "gradients.png").exists()
+
+    code, out, err = run(capsys, *args, "--out", str(tmp_path / "recorded"))  # diagnostics are on by default
+    assert code == 0, err
+    written = out.splitlines()[-1].removeprefix("plots: ").split(", ")
+    names = ["loss.png", "accuracy.png", "lr.png", "gradients.png", "update_ratio.png", "saturation.png"]
+    assert written == [str(tmp_path / "recorded" / name) for name in names]
+    assert all((tmp_path / "recorded" / name).read_bytes().startswith(b"\x89PNG") for name in names)
+
+
+def test_plot_of_a_malformed_layer_record_is_one_line(tmp_path, mnist_dir, capsys, monkeypatch):
+    pytest.importorskip("matplotlib", reason="--plot needs the optional matplotlib")
+    from nnbackprop import cli
+
+    real_train = cli.train
+
+    def train_with_a_broken_record(config, **kwargs):
+        result = real_train(config, **kwargs)
+        (kwargs["out_dir"] / "layers.jsonl").write_text('{"epoch": 1, "step"\n')
+        return result
+
+    monkeypatch.setattr(cli, "train", train_with_a_broken_record)
+    code, out, err = run(capsys, "train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--epochs", "1",
+                         "--out", str(tmp_path / "run"), "--plot", *SMALL)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"{tmp_path / 'run' / 'layers.jsonl'}, line 1: not a layer record" in err
+    assert (tmp_path / "run" / "checkpoint.pt").is_file() and (tmp_path / "run" / "loss.png").is_file()
 
 
 def test_plot_without_matplotlib_fails_before_training(tmp_path, mnist_dir, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes "import matplotlib" raise ImportError
     code, out, err = run(capsys, "train", "--dataset", "mnist", "--data-dir", str(mnist_dir),
                          "--out", str(tmp_path / "run"), "--plot", *SMALL)
-    assert code == 2 and "pip install 'nnbackprop[plot]'" in err and out == ""
+    assert code == 2 and "pip install 'nnbackprop[plot]'" in err and len(err.splitlines()) == 1 and out == ""
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -278,3 +311,133 @@ def test_a_bad_model_file_is_one_line(tmp_path, mnist_dir, capsys, spec, message
     code, out, err = run(capsys, "train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--model",
                          str(tmp_path / spec), "--out", str(tmp_path / "run"), *SMALL)
     assert code == 2 and re.search(message, err) and len(err.splitlines()) == 1, err
+
+
+# ------------------------------------------------------------------------------------------------------ predict, evaluate
+
+PETS = ("cats", "dogs")  # write_image_folder: cats are black, dogs grey
+
+
+@pytest.fixture(scope="module")
+def pets_run(tmp_path_factory):
+    """(image folder, run folder): a tiny MLP trained 3 epochs from the command line on cats and dogs."""
+    root = tmp_path_factory.mktemp("pets")
+    write_image_folder(root, 30, classes=PETS)
+    out = tmp_path_factory.mktemp("pets-run")
+    assert main(["train", "--dataset", f"imagefolder:{root}", "--image-size", "8", "--hidden", "8", "--epochs", "3",
+                 "--val-size", "10", "--batch-size", "10", "--device", "cpu", "--out", str(out), "--quiet"]) == 0
+    return root, out
+
+
+PREDICTION = re.compile(r"^(?P<image>.+?): (?P<top>.+)$")
+
+
+def parse_predictions(out: str) -> list[tuple[str, list[tuple[str, float]]]]:
+    """``[(image, [(class, percent), ...]), ...]`` from predict's human output."""
+    parsed = []
+    for line in out.splitlines():
+        match = PREDICTION.match(line)
+        assert match, line
+        pairs = [item.rsplit(" ", 1) for item in match["top"].split(", ")]
+        parsed.append((match["image"], [(name, float(p.removesuffix("%"))) for name, p in pairs]))
+    return parsed
+
+
+def test_predict_prints_each_image_with_its_classes_by_name(pets_run, capsys):
+    root, out = pets_run
+    images = [str(root / "cats" / "0.png"), str(root / "dogs" / "1.png"), str(root / "dogs" / "2.png")]
+    code, stdout, err = run(capsys, "predict", str(out / "checkpoint.pt"), *images, "--device", "cpu")
+    assert code == 0 and err == "", err
+    parsed = parse_predictions(stdout)
+    assert [image for image, _ in parsed] == images
+    for (image, top), expected in zip(parsed, ["cats", "dogs", "dogs"]):
+        assert sorted(name for name, _ in top) == sorted(PETS)  # default: min(3, 2 classes)
+        assert top[0][0] == expected and top[0][1] >= top[1][1]
+        assert sum(p for _, p in top) == pytest.approx(100, abs=0.11)  # each rounded to 0.1%
+
+    code, stdout, err = run(capsys, "predict", str(out), images[0], "--top", "1")
+    assert code == 0 and [len(top) for _, top in parse_predictions(stdout)] == [1]
+
+
+def test_predict_json(pets_run, capsys):
+    root, out = pets_run
+    images = [str(root / "dogs" / "3.png"), str(root / "cats" / "4.png")]
+    code, stdout, err = run(capsys, "predict", str(out), *images, "--json")
+    assert code == 0, err
+    document = json.loads(stdout)
+    assert [entry["image"] for entry in document] == images
+    assert [entry["top"][0]["class"] for entry in document] == ["dogs", "cats"]
+    for entry in document:
+        assert sum(t["probability"] for t in entry["top"]) == pytest.approx(1, abs=1e-5)
+
+
+def test_predict_of_a_bad_or_missing_image_is_one_line(pets_run, tmp_path, capsys):
+    root, out = pets_run
+    broken = tmp_path / "broken.jpg"
+    broken.write_text("this is no picture")
+    for bad, message in ((broken, "cannot read this image"), (tmp_path / "gone.png", "not found")):
+        code, stdout, err = run(capsys, "predict", str(out), str(root / "cats" / "0.png"), str(bad))
+        assert code == 2 and stdout == "" and len(err.splitlines()) == 1, err
+        assert err.startswith("nnbackprop: error: ") and str(bad) in err and message in err
+    code, stdout, err = run(capsys, "predict", str(out), str(root / "cats" / "0.png"), "--top", "0")
+    assert code == 2 and "--top must be at least 1" in err and len(err.splitlines()) == 1
+
+
+def test_evaluate_on_another_folder_prints_the_per_class_table(pets_run, tmp_path, capsys):
+    """The other folder's dogs are black like cats: the table must show all of them predicted as cats."""
+    _, out = pets_run
+    other = tmp_path / "other"
+    write_image_folder(other, 5, classes=("cats",))
+    shutil.copytree(other / "cats", other / "dogs")
+    code, stdout, err = run(capsys, "evaluate", str(out), "--dataset", f"imagefolder:{other}", "--device", "cpu")
+    assert code == 0, err
+    lines = stdout.splitlines()
+    assert f"on all images of imagefolder:{other} (10 examples from {other}): loss " in lines[0]
+    assert lines[0].endswith("accuracy 50.00%")
+    header = lines[2].split()
+    assert header[:4] == ["class", "precision", "recall", "support"] and header[-2:] == list(PETS)
+    assert lines[3].split() == ["cats", "50.0%", "100.0%", "5", "|", "5", "0"]
+    assert lines[4].split() == ["dogs", "-", "0.0%", "5", "|", "5", "0"]
+
+    code, stdout, err = run(capsys, "evaluate", str(out), "--dataset", f"imagefolder:{other}", "--json")
+    assert code == 0, err
+    document = json.loads(stdout)
+    assert document["confusion"] == [[5, 0], [5, 0]] and document["accuracy"] == 0.5
+    assert [c["precision"] for c in document["per_class"]] == [0.5, None]
+
+
+def test_evaluate_with_other_classes_is_one_line_naming_both(pets_run, tmp_path, capsys):
+    _, out = pets_run
+    write_image_folder(tmp_path / "zoo", 2, classes=("cat", "dog", "fox"))
+    code, stdout, err = run(capsys, "evaluate", str(out), "--dataset", f"imagefolder:{tmp_path / 'zoo'}")
+    assert code == 2 and stdout == "" and len(err.splitlines()) == 1
+    assert "trained on classes ['cats', 'dogs']" in err and f"{tmp_path / 'zoo'} has ['cat', 'dog', 'fox']" in err
+
+
+def test_ten_classes_predict_three_and_evaluate_numbers_the_columns(tmp_path, mnist_dir, capsys):
+    out_dir = tmp_path / "run"
+    code, _, err = run(capsys, "train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--epochs", "1",
+                       "--out", str(out_dir), *SMALL)
+    assert code == 0, err
+    image = tmp_path / "digit.png"
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(image)  # colour and any size: read as 28x28 grey
+    code, stdout, err = run(capsys, "predict", str(out_dir), str(image))
+    assert code == 0, err
+    (_, top), = parse_predictions(stdout)
+    assert len(top) == 3 and all(name in torchvision.datasets.MNIST.classes for name, _ in top)
+
+    code, stdout, err = run(capsys, "evaluate", str(out_dir))
+    assert code == 0, err
+    summary = json.loads((out_dir / "summary.json").read_text())
+    lines = stdout.splitlines()
+    assert lines[0].endswith(f"accuracy {100 * summary['test_accuracy']:.2f}%") and "mnist test split" in lines[0]
+    assert lines[2].split()[-10:] == [str(i) for i in range(10)]
+    rows = lines[3:]
+    assert [row.split("|")[0].split()[:2] for row in rows][:2] == [["0", "0"], ["1", "1"]]
+    counts = [[int(c) for c in row.split("|")[1].split()] for row in rows]
+    assert len(counts) == 10 and sum(map(sum, counts)) == 50
+    assert sum(counts[i][i] for i in range(10)) == round(summary["test_accuracy"] * 50)
+
+    code, stdout, err = run(capsys, "evaluate", str(out_dir), "--dataset", "fashion-mnist", "--data-dir",
+                            str(mnist_dir))
+    assert code == 2 and len(err.splitlines()) == 1 and "'T-shirt/top'" in err and "'0 - zero'" in err
