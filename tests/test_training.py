@@ -14,6 +14,7 @@ from nnbackprop import (GELU, BatchNorm1d, Dropout, Flatten, LeakyReLU, Linear, 
 from nnbackprop import functional as F
 from nnbackprop.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from nnbackprop.config import TrainConfig
+from nnbackprop.files import WriteError
 from nnbackprop.datasets import SYSTEM_FASHION_MNIST, DataSplits, TensorData, load_dataset
 from nnbackprop.inference import load_model
 from nnbackprop.loaders import make_loader
@@ -362,3 +363,76 @@ def test_a_user_model_trains_resumes_and_stops_early_like_a_built_in_one(tmp_pat
     assert_same_weights(resumed.model.state_dict(), straight.model.state_dict())
     with pytest.raises(CheckpointError, match="passed to nnbackprop.train"):
         load_model(tmp_path / "straight")
+
+
+# ------------------------------------------------------------------------------------------------------ faults
+
+
+def test_an_unwritable_output_folder_stops_the_run_before_any_data_is_read(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(WriteError, match=r"output folder .*file/run: .*\(ENOTDIR\)"):
+        train(BASE, data=None, out_dir=blocker / "run")  # data=None: it would be loaded, and fail, only after
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_no_temporary_file(tmp_path, monkeypatch):
+    from nnbackprop import files
+
+    train(BASE.replace(epochs=1), data=toy_data(), out_dir=tmp_path)
+    before = load_checkpoint(tmp_path / CHECKPOINT_FILE)
+    real_replace = files.os.replace
+
+    def full_disk(source, target):
+        if str(target).endswith(CHECKPOINT_FILE):
+            raise OSError(28, "No space left on device")
+        real_replace(source, target)
+
+    monkeypatch.setattr(files.os, "replace", full_disk)
+    with pytest.raises(WriteError, match=r"cannot write .*checkpoint.pt: No space left on device \(ENOSPC\)"):
+        train(BASE.replace(epochs=2), data=toy_data(), out_dir=tmp_path, resume=True)
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / CHECKPOINT_FILE)["epoch"] == before["epoch"] == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_temporary_files_of_a_killed_run_are_removed_when_it_resumes(tmp_path):
+    train(BASE.replace(epochs=1), data=toy_data(), out_dir=tmp_path)
+    stale = tmp_path / ".checkpoint.pt.k1ll3d.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    train(BASE.replace(epochs=2), data=toy_data(), out_dir=tmp_path, resume=True)
+    assert not stale.exists()
+
+
+def test_metrics_behind_the_checkpoint_are_repaired_on_every_load(tmp_path):
+    train(BASE.replace(epochs=2), data=toy_data(), out_dir=tmp_path)
+    metrics = tmp_path / METRICS_FILE
+    full = metrics.read_text()
+    metrics.write_text(full.splitlines(keepends=True)[0])  # killed after the checkpoint, before metrics line 2
+    load_model(tmp_path)
+    assert metrics.read_text() == full
+    metrics.write_text(full.splitlines(keepends=True)[0])
+    train(BASE.replace(epochs=3), data=toy_data(), out_dir=tmp_path, resume=True)
+    assert metrics.read_text().startswith(full) and len(metrics.read_text().splitlines()) == 3
+
+
+@pytest.mark.parametrize("changes, data, message", [
+    (dict(shift=6), dict(), r"shift 6 px does not fit toy's 6x6 images: random shifts must stay below 6 px"),
+    (dict(), dict(n_test=0), "toy has no test split"),
+    (dict(), dict(classes=1), "toy has 1 class; a classifier needs at least two"),
+])
+def test_settings_that_cannot_fit_the_data_are_refused_before_training(changes, data, message):
+    with pytest.raises(ValueError, match=message):
+        train(BASE.replace(**changes), data=toy_data(**data), callback=Recorder(stop_after=0))
+
+
+def test_labels_outside_the_classes_are_refused_before_training():
+    data = toy_data()
+    data.test.labels[3] = 7
+    with pytest.raises(ValueError, match=r"the test split has label 7, outside \[0, 2\] for its 3 classes"):
+        train(BASE, data=data)
+
+
+def test_the_thread_count_is_recorded(tmp_path):
+    result = train(BASE.replace(epochs=1), data=toy_data(), out_dir=tmp_path)
+    assert result.summary["threads"] == torch.get_num_threads()
+    assert load_checkpoint(tmp_path)["run"]["threads"] == torch.get_num_threads()
