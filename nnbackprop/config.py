@@ -110,7 +110,7 @@ class TrainConfig:
     hidden: tuple[int, ...] = setting((512, 512), "model", "hidden layer widths, comma-separated", each(at_least(1)))
     activation: str = setting("relu", "model", "activation of the hidden layers",
                               one_of("relu", "leaky_relu", "sigmoid", "tanh", "gelu"))
-    dropout: float = setting(0.0, "model", "dropout after each hidden layer", between(0, 1))
+    dropout: float = setting(0.2, "model", "dropout after each hidden layer", between(0, 1))
     batchnorm: bool = setting(False, "model", "batch normalisation after each hidden linear layer")
     init: str = setting("default", "model", "weight initialisation (default: as torch.nn.Linear)",
                         one_of("default", "kaiming", "xavier"))
@@ -118,26 +118,31 @@ class TrainConfig:
                         "logit, two classes", one_of("ce", "mse", "bce"))
     # optimisation
     optimizer: str = setting("sgd", "optimisation", "sgd (with momentum), adam or adamw", one_of("sgd", "adam", "adamw"))
-    epochs: int = setting(10, "optimisation", "passes over the training split", at_least(1), resumable=True)
+    epochs: int = setting(20, "optimisation", "passes over the training split", at_least(1), resumable=True)
     batch_size: int = setting(128, "optimisation", "examples per step (all ranks together)", at_least(1))
-    lr: float = setting(0.05, "optimisation", "learning rate (at its peak, after warm-up)", at_least(0, strict=True))
+    lr: float | None = setting(None, "optimisation", "learning rate at its peak, after warm-up (default: 0.05 for "
+                               "SGD, 1e-3 for Adam and AdamW)", at_least(0, strict=True))
     momentum: float = setting(0.9, "optimisation", "SGD momentum", at_least(0))
-    nesterov: bool = setting(False, "optimisation", "SGD with Nesterov momentum")
+    nesterov: bool = setting(True, "optimisation", "SGD with Nesterov momentum")
     betas: tuple[float, ...] = setting((0.9, 0.999), "optimisation", "Adam/AdamW moment decay rates beta1,beta2",
                                        each(between(0, 1)))
-    weight_decay: float = setting(0.0, "optimisation", "L2 penalty (SGD, Adam) or decoupled decay (AdamW)",
+    weight_decay: float = setting(5e-4, "optimisation", "L2 penalty (SGD, Adam) or decoupled decay (AdamW)",
                                   at_least(0))
-    schedule: str = setting("constant", "optimisation", "learning-rate schedule, stepped every batch",
+    schedule: str = setting("cosine", "optimisation", "learning-rate schedule, stepped every batch",
                             one_of("constant", "step", "cosine"))
-    warmup_epochs: float = setting(0.0, "optimisation", "linear learning-rate warm-up, in epochs (may be fractional)",
-                                   at_least(0))
+    warmup_epochs: float | None = setting(None, "optimisation", "linear learning-rate warm-up, in epochs, may be "
+                                          "fractional (default: 1 epoch, or a tenth of a run shorter than 10)",
+                                          at_least(0))
     step_epochs: int | None = setting(None, "optimisation", "step schedule: epochs between decays (default: a third "
                                       "of the run)", at_least(1))
     gamma: float = setting(0.1, "optimisation", "step schedule: decay factor", at_least(0, strict=True))
     patience: int | None = setting(None, "optimisation", "stop after this many epochs without a lower validation "
                                    "loss (default: never)", at_least(1), resumable=True)
-    shift: int = setting(0, "optimisation", "augmentation: random shifts of up to this many pixels", at_least(0))
-    flip: bool = setting(False, "optimisation", "augmentation: random horizontal flips")
+    shift: int | None = setting(None, "optimisation", "augmentation: random shifts of up to this many pixels "
+                                "(default: what suits the data set: 1 for MNIST, 2 for CIFAR-10 cats and dogs, "
+                                "else 0)", at_least(0))
+    flip: bool | None = setting(None, "optimisation", "augmentation: random horizontal flips (default: what suits "
+                                "the data set: on for CIFAR-10 cats and dogs, else off)")
     # run
     device: str = setting("auto", "run", "auto, cpu, cuda or cuda:N", resumable=True)
     dtype: str = setting("float32", "run", "parameter and data type", one_of("float32", "float64"))
@@ -174,13 +179,13 @@ class TrainConfig:
 
     def _cross_checks(self) -> list[str]:
         problems = []
-        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
-            problems.append("nesterov needs optimizer sgd with a momentum > 0")
+        if self.nesterov and self.optimizer == "sgd" and self.momentum == 0:
+            problems.append("nesterov needs a momentum > 0 (or --no-nesterov)")
         if len(self.betas) != 2:
             problems.append(f"betas needs two values, beta1,beta2, got {self.betas!r}")
-        if self.schedule == "cosine" and self.warmup_epochs >= self.epochs:
+        if self.warmup_epochs is not None and self.schedule != "constant" and self.warmup_epochs >= self.epochs:
             problems.append(f"warmup_epochs ({self.warmup_epochs:g}) must be shorter than the run (epochs "
-                            f"{self.epochs}) to leave steps for the cosine")
+                            f"{self.epochs}) to leave steps for the {self.schedule} schedule")
         return problems
 
     def replace(self, **changes: Any) -> "TrainConfig":

@@ -64,6 +64,8 @@ RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, SUMMARY_FILE, CONFIG_FILE, LAYERS_FI
 EVAL_BATCH_SIZE = 1000
 LOSSES: dict[str, type[Loss]] = {"ce": CrossEntropyLoss, "mse": MSELoss, "bce": BCEWithLogitsLoss}
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+DEFAULT_LR = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}
+"""The learning rate of each optimizer when ``lr`` is left open."""
 
 
 # ------------------------------------------------------------------------------------------------------ building
@@ -109,17 +111,18 @@ def build_optimizer(config: TrainConfig, model: Module) -> torch.optim.Optimizer
     params = list(model.parameters())
     if not params:
         raise ValueError("the model has no parameters to train")
+    lr = config.lr if config.lr is not None else DEFAULT_LR[config.optimizer]
     if config.optimizer == "sgd":
-        return OPTIMIZERS["sgd"](params, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov,
+        return OPTIMIZERS["sgd"](params, lr=lr, momentum=config.momentum, nesterov=config.nesterov,
                                  weight_decay=config.weight_decay)
-    return OPTIMIZERS[config.optimizer](params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    return OPTIMIZERS[config.optimizer](params, lr=lr, betas=config.betas, weight_decay=config.weight_decay)
 
 
 def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int) -> LRScheduler:
     """The learning-rate schedule of ``config``, in optimizer steps."""
     step_epochs = config.step_epochs or max(1, config.epochs // 3)
     return make_scheduler(config.schedule, optimizer, total_steps=config.epochs * steps_per_epoch,
-                          warmup_steps=round(config.warmup_epochs * steps_per_epoch),
+                          warmup_steps=round((config.warmup_epochs or 0) * steps_per_epoch),
                           step_size=step_epochs * steps_per_epoch, gamma=config.gamma)
 
 
@@ -274,15 +277,20 @@ def train(config: TrainConfig, model: Module | None = None, data: DataSplits | N
     if writes:
         prepare_output_dir(out)
         remove_stale_temp_files(out, RUN_FILES)
-    saved = _checkpoint_to_resume(checkpoint_path, config, device, dist.world_size) if resume else None
+    saved = _checkpoint_to_resume(checkpoint_path, device, dist.world_size) if resume else None
     if not resume and checkpoint_path is not None and checkpoint_path.exists() and not overwrite:
         raise FileExistsError(f"{checkpoint_path} already exists: resume that run (--resume), start over "
                               "(--overwrite), or write to another directory (--out)")
     if data is None:
         data = load_dataset(config.dataset, config.data_dir, config.download, config.val_size, config.seed,
                             config.image_size, grayscale=config.grayscale)
+    if saved is not None:  # what this run leaves open, it continues as the checkpoint had it
+        before = saved_config(saved, checkpoint_path)
+        config = config.replace(**{name: getattr(before, name) for name, value in config.to_dict().items()
+                                   if value is None and getattr(before, name) is not None})
+    config = resolved(config, data)
     if saved is not None:
-        _check_same_data(saved["data"], data.info(), checkpoint_path)
+        _check_same_run(saved, checkpoint_path, config, data)
     check_fits(config, data)
     if writes and not resume:
         for name in RUN_FILES:
@@ -392,6 +400,19 @@ def train(config: TrainConfig, model: Module | None = None, data: DataSplits | N
     return result
 
 
+def resolved(config: TrainConfig, data: DataSplits) -> TrainConfig:
+    """``config`` with the settings it leaves open (``None``) filled in: the augmentation that suits ``data``
+    (``data.augmentation``), the optimizer's usual learning rate (:data:`DEFAULT_LR`), and a warm-up of one epoch,
+    or a tenth of a run shorter than ten."""
+    chosen: dict[str, Any] = {name: data.augmentation.get(name, default)
+                              for name, default in (("shift", 0), ("flip", False)) if getattr(config, name) is None}
+    if config.lr is None:
+        chosen["lr"] = DEFAULT_LR[config.optimizer]
+    if config.warmup_epochs is None:
+        chosen["warmup_epochs"] = min(1.0, config.epochs / 10)
+    return config.replace(**chosen) if chosen else config
+
+
 def check_fits(config: TrainConfig, data: DataSplits) -> None:
     """Raise a ``ValueError`` naming the limit when ``config`` cannot make sense for ``data``, before any training:
     empty splits, fewer than two classes, labels out of range, augmentation shifts as large as the images."""
@@ -405,7 +426,7 @@ def check_fits(config: TrainConfig, data: DataSplits) -> None:
     if len(data.val) == 0 and config.patience is not None:
         raise ValueError("early stopping (patience) needs a validation split; set val_size > 0")
     height, width = data.input_shape[1:]
-    if config.shift >= min(height, width):
+    if (config.shift or 0) >= min(height, width):
         raise ValueError(f"shift {config.shift} px does not fit {data.name}'s {height}x{width} images: random shifts "
                          f"must stay below {min(height, width)} px (2 to 4 suit 28-32 px images)")
     for split, part in (("train", data.train), ("val", data.val), ("test", data.test)):
@@ -514,15 +535,27 @@ def _checkpoint(config: TrainConfig, data: DataSplits, model: Module, passed: Mo
     }
 
 
-def _checkpoint_to_resume(path: Path | None, config: TrainConfig, device: torch.device,
-                          world_size: int) -> dict[str, Any]:
-    """The checkpoint in ``path``, after checking that ``config`` may continue it."""
+def _checkpoint_to_resume(path: Path | None, device: torch.device, world_size: int) -> dict[str, Any]:
+    """The checkpoint in ``path``, after checking that this device and number of ranks may continue it."""
     if path is None:
         raise ValueError("resume needs an output folder (--out), the folder of the run to continue")
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: there is no run to resume in {path.parent}; start one without "
                                 "--resume")
     checkpoint = load_checkpoint(path)
+    run = checkpoint["run"]
+    if run["device"] != device.type:
+        raise CheckpointError(f"{path} was written on {run['device']}; resume it on the same kind of device "
+                              f"(--device {run['device']}), not {device.type}")
+    if run["world_size"] != world_size:
+        raise CheckpointError(f"{path} was written by {run['world_size']} process(es); resume it with as many "
+                              f"(torchrun --nproc_per_node={run['world_size']}), not {world_size}")
+    return checkpoint
+
+
+def _check_same_run(checkpoint: Mapping[str, Any], path: Path, config: TrainConfig, data: DataSplits) -> None:
+    """Refuse to continue ``checkpoint`` with other settings (but those :meth:`TrainConfig.resumable` lists) or on
+    other data."""
     saved = saved_config(checkpoint, path)
     resumable = TrainConfig.resumable()
     differences = [f"{name} {getattr(saved, name)!r} there, {getattr(config, name)!r} here"
@@ -535,19 +568,9 @@ def _checkpoint_to_resume(path: Path | None, config: TrainConfig, device: torch.
         raise CheckpointError(f"{path}: its {config.schedule} schedule was laid out for {saved.epochs} epochs; resume "
                               f"with --epochs {saved.epochs} (only a constant schedule or a step schedule with "
                               "--step-epochs can be stretched)")
-    run = checkpoint["run"]
-    if run["device"] != device.type:
-        raise CheckpointError(f"{path} was written on {run['device']}; resume it on the same kind of device "
-                              f"(--device {run['device']}), not {device.type}")
-    if run["world_size"] != world_size:
-        raise CheckpointError(f"{path} was written by {run['world_size']} process(es); resume it with as many "
-                              f"(torchrun --nproc_per_node={run['world_size']}), not {world_size}")
-    return checkpoint
-
-
-def _check_same_data(saved: Mapping[str, Any], current: Mapping[str, Any], path: Path | None) -> None:
-    differences = [f"{k} {saved.get(k)!r} there, {current[k]!r} here" for k in current
-                   if k != "source" and saved.get(k) != current[k]]
+    current = data.info()
+    differences = [f"{k} {checkpoint['data'].get(k)!r} there, {current[k]!r} here" for k in current
+                   if k != "source" and checkpoint["data"].get(k) != current[k]]
     if differences:
         raise CheckpointError(f"{path} was trained on other data: {'; '.join(differences)}")
 

@@ -20,7 +20,8 @@ from conftest import ROOT, subprocess_env
 from nnbackprop import gradcheck
 from nnbackprop.cli import main
 
-SMALL = ["--hidden", "16", "--batch-size", "50", "--val-size", "50", "--device", "cpu", "--quiet"]
+SMALL = ["--hidden", "16", "--batch-size", "50", "--val-size", "50", "--schedule", "constant", "--device", "cpu",
+         "--quiet"]
 
 
 @pytest.fixture
@@ -47,7 +48,7 @@ def test_train_then_evaluate(tmp_path, mnist_dir, capsys):
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0].startswith(f"data: mnist from {mnist_dir}: 250 train / 50 val / 50 test")
-    assert lines[1].startswith("model: MLP 784-16-10 (relu), 12,730 parameters")
+    assert lines[1].startswith("model: MLP 784-16-10 (relu, dropout 0.2), 12,730 parameters")
     epoch_lines = [line for line in lines if line.startswith("epoch ")]
     assert len(epoch_lines) == 2 and epoch_lines[0].startswith("epoch 1/2 | train loss ")
     assert " | val loss " in epoch_lines[0] and epoch_lines[0].endswith("samples/s")
@@ -136,7 +137,7 @@ def test_plot_without_matplotlib_fails_before_training(tmp_path, mnist_dir, caps
     (["--hidden", "512,x"], "argument --hidden: expected comma-separated ints such as 512,512"),
     (["--hidden", "512,-3"], "hidden values must each be >= 1, got (512, -3)"),
     (["--dropout", "1"], "dropout must be in [0, 1), got 1.0"),
-    (["--nesterov", "--momentum", "0"], "nesterov needs optimizer sgd with a momentum > 0"),
+    (["--nesterov", "--momentum", "0"], "nesterov needs a momentum > 0 (or --no-nesterov)"),
     (["--optimizer", "lbfgs"], "argument --optimizer: invalid choice: 'lbfgs'"),
     (["--device", "tpu"], "unknown device 'tpu'"),
     (["--dataset", "mnist"], "MNIST not found. Searched:"),

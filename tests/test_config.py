@@ -20,7 +20,7 @@ from nnbackprop.cli import build_parser
     (dict(batch_size=0), "batch_size must be >= 1, got 0"),
     (dict(hidden=(16, 0)), r"hidden values must each be >= 1, got \(16, 0\)"),
     (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
-    (dict(nesterov=True, momentum=0.0), "nesterov needs optimizer sgd with a momentum > 0"),
+    (dict(nesterov=True, momentum=0.0), r"nesterov needs a momentum > 0 \(or --no-nesterov\)"),
     (dict(schedule="linear"), "schedule must be one of constant, step, cosine, got 'linear'"),
     (dict(lr=math.nan, epochs=0), "epochs must be >= 1, got 0; lr must be a finite number, got nan"),
     (dict(epochs="3"), "epochs must be an integer, got '3'"),

@@ -318,8 +318,8 @@ def test_torchrun_train_matches_one_process(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     write_fake_mnist(data_dir, n_train=260, n_test=40)
     common = ["train", "--dataset", "mnist", "--data-dir", str(data_dir), "--val-size", "60", "--hidden", "16,8",
-              "--epochs", "2", "--batch-size", "20", "--lr", "0.05", "--momentum", "0.9", "--dtype", "float64",
-              "--device", "cpu", "--quiet"]
+              "--epochs", "2", "--batch-size", "20", "--schedule", "constant", "--dropout", "0", "--shift", "0",
+              "--lr", "0.05", "--momentum", "0.9", "--dtype", "float64", "--device", "cpu", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "NNBACKPROP_DATA": str(tmp_path / "cache")}
     single = subprocess.run([sys.executable, "-m", "nnbackprop", *common, "--out", str(tmp_path / "one")],
                             env=env, capture_output=True, text=True, timeout=120)

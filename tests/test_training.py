@@ -24,7 +24,8 @@ from nnbackprop.callbacks import TrainCallback, TrainResult
 from nnbackprop.training import SUMMARY_FILE, NonFiniteLossError, evaluate, train
 
 # A small run: 3 classes of 6x6 images, 300 training examples, 10 steps per epoch.
-BASE = TrainConfig(dataset="toy", hidden=(16,), epochs=3, batch_size=32, lr=0.05, device="cpu", log_every=4)
+BASE = TrainConfig(dataset="toy", hidden=(16,), dropout=0.0, epochs=3, batch_size=32, lr=0.05, nesterov=False,
+                   weight_decay=0.0, schedule="constant", warmup_epochs=0, device="cpu", log_every=4)
 
 
 def toy_data(n_train: int = 300, n_val: int = 60, n_test: int = 60, classes: int = 3, learnable: bool = True,
