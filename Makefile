@@ -33,9 +33,10 @@ data:
 test: venv data
 	$(PY) -m pytest
 
-# 3 epochs of a 784-512-512-10 MLP on Fashion-MNIST (about 88% test accuracy), the gradient check, the worked example.
+# The default run (784-512-512-10 MLP, 20 epochs on Fashion-MNIST: about 90% test accuracy in under a minute on two
+# CPU cores) with its figures, the gradient check of both layouts, the seed article's worked example.
 demo: venv data
-	$(PY) -m nnbackprop train --dataset fashion-mnist --hidden 512,512 --epochs 3 --schedule cosine --out runs/demo --overwrite
+	$(PY) -m nnbackprop train --dataset fashion-mnist --out runs/demo --overwrite --plot
 	$(PY) -m nnbackprop gradcheck
 	$(PY) experiments/seed_worked_example.py
 

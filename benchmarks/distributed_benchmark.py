@@ -30,6 +30,7 @@ from torch import Tensor
 
 from nnbackprop import CrossEntropyLoss, make_step, mlp
 from nnbackprop.distributed import all_reduce_mean_hook, broadcast_module, cleanup, init_distributed, local_batch_size
+from nnbackprop.files import write_text
 from nnbackprop.optim import SGD
 
 # ---------------------------------------------------------------------------------------------------- configuration
@@ -150,9 +151,7 @@ def main() -> int:
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_name(args.out.name + ".tmp")
-    tmp_out.write_text(json.dumps(result, indent=2))
-    tmp_out.replace(args.out)
+    write_text(args.out, json.dumps(result, indent=2))
     print(f"wrote {args.out}")
     return 0
 

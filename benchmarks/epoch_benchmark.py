@@ -5,14 +5,15 @@ An epoch is ``nnbackprop.training.train_epoch``, the function ``train`` calls: r
 gather each mini-batch by indexing, take one FastStep (forward, cross-entropy, hand-written backward, SGD-momentum
 update) per batch, step the schedule, read the running loss every ``log_every`` steps (and with diagnostics, arm the
 hooks for the recorded steps and read their statistics with it). The same steps are also timed alone, on batches
-gathered beforehand, so the difference is what the data path and the loop add. The variants are timed in alternating
-rounds; the table gives the median of ``REPEATS`` epochs each, the overhead against the steps alone and, for the
-diagnostics, against the epoch without them, samples/s, and the peak memory (RSS on the CPU, ``max_memory_allocated``
-on CUDA).
+gathered beforehand, so the difference is what the data path and the loop add. The variants are timed in
+alternating rounds, forwards and backwards in turn; the table gives the median of ``REPEATS`` epochs each, the
+overhead against the steps alone and, for the diagnostics, against the epoch without them, samples/s, and the peak
+memory (RSS on the CPU, ``max_memory_allocated`` on CUDA).
 
 Usage (with the package installed, ``pip install -e .``)::
 
-    python benchmarks/epoch_benchmark.py [--device cpu] [--batch-size 128] [--repeats 5] [--out results/epoch_benchmark.json]
+    python benchmarks/epoch_benchmark.py [--device cpu] [--batch-size 128] [--repeats 5]
+                                         [--out results/epoch_benchmark.json]
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from nnbackprop.config import TrainConfig
 from nnbackprop.datasets import load_dataset
 from nnbackprop.diagnostics import Diagnostics
 from nnbackprop.distributed import DistContext
-from nnbackprop.files import atomic_write
+from nnbackprop.files import write_text
 from nnbackprop.loaders import make_loader
 from nnbackprop.step import FastStep
 from nnbackprop.training import build_loss, build_model, build_optimizer, build_scheduler, train_epoch
@@ -109,7 +110,7 @@ kinds = ("steps alone", "diagnostics off", "diagnostics on", "diagnostics full")
 times: dict[str, list[float]] = {kind: [] for kind in kinds}
 number = 1
 for repeat in range(args.repeats):
-    for kind in kinds:
+    for kind in kinds if repeat % 2 == 0 else kinds[::-1]:  # forwards, then backwards: no kind always follows another
         seconds = steps_alone(number) if kind == "steps alone" else epoch(kind.split()[1], number)
         times[kind].append(seconds)
         number += 1
@@ -129,12 +130,13 @@ rows = [{"kind": kind, "epoch_s": median[kind], "all_s": times[kind],
 print()
 print(f"{'epoch':<18} {'median s':>9} {'vs steps':>9} {'vs no diagnostics':>18} {'samples/s':>10}")
 for row in rows:
-    vs_diag = f"{100 * row['overhead_vs_no_diagnostics']:+.1f}%" if row["overhead_vs_no_diagnostics"] is not None else "-"
+    overhead = row["overhead_vs_no_diagnostics"]
+    vs_diag = "-" if overhead is None else f"{100 * overhead:+.1f}%"
     print(f"{row['kind']:<18} {row['epoch_s']:>9.3f} {100 * row['overhead_vs_steps']:>+8.1f}% {vs_diag:>18} "
           f"{row['samples_per_s']:>10.0f}")
 print(f"peak memory: {next(iter(peak.values())):.0f} MiB")
 out = Path(args.out)
 out.parent.mkdir(parents=True, exist_ok=True)
 result = {"machine": machine, "config": config.to_dict(), "steps_per_epoch": len(loader), "rows": rows, **peak}
-atomic_write(out, lambda f: f.write(json.dumps(result, indent=2).encode()))
+write_text(out, json.dumps(result, indent=2))
 print(f"wrote {out}")

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from harness import benchmark_model, machine_info, parse_sizes
-from nnbackprop.checkpoint import atomic_write
+from nnbackprop.files import write_text
 
 # ---------------------------------------------------------------------------------------------------- configuration
 MODELS = ["784-512-512-10", "784-1024-1024-1024-10"]
@@ -105,5 +105,5 @@ if device.type == "cuda":
 out = Path(args.out)
 out.parent.mkdir(parents=True, exist_ok=True)
 result = {"machine": machine, "steps": args.steps, "warmup": args.warmup, "rows": rows}
-atomic_write(out, lambda f: f.write(json.dumps(result, indent=2).encode()))
+write_text(out, json.dumps(result, indent=2))
 print(f"wrote {out}")

@@ -1,18 +1,39 @@
 """Cats against dogs with a multilayer perceptron: a binary task with one output logit and binary cross-entropy.
 
-The images are CIFAR-10's cats and dogs (5,000 + 5,000 training and 1,000 + 1,000 test images, 32x32 colour), or any
-folder of images with one subdirectory per class (``--dataset imagefolder:PATH``, e.g. the Kaggle "Dogs vs. Cats"
-pictures sorted into cat/ and dog/; resized to image_size x image_size). An MLP sees 3,072 unrelated numbers and no
-shapes, so expect far less than a convolutional network: around two thirds of the test images right on CIFAR-10.
+The images are a folder of photos with one subfolder per class (``--dataset imagefolder:PATH``; with ``train/`` and
+``test/`` inside, those are the splits), such as the 4,000 photos of Kaggle's "Dogs vs. Cats" (2,000 to train on,
+2,000 to test), each resized to image_size x image_size; or CIFAR-10's cats and dogs (the default: 10,000 training
+and 2,000 test images, 32x32 colour). An MLP sees 3,072 unrelated numbers and no shapes, so expect far less than a
+convolutional network.
 
-No data set is bundled: pass --download (CIFAR-10, 170 MB), --data-dir DIR (holding cifar-10-batches-py), or
---dataset imagefolder:PATH.
+On the 2,000 training photos, with 400 held out for validation (seed 0), this configuration reached 69.25%
+validation accuracy at its best epoch (56; stopped early at 96) and **65.40% on the 2,000 test photos** (50 s on a
+2-core CPU, torch 2.15). It was chosen among about 30 runs on the validation split alone (the test split was not read
+while tuning); the best validation accuracies, at the epoch of lowest validation loss:
 
-    python experiments/cat_vs_dog.py --download
-    python experiments/cat_vs_dog.py --dataset imagefolder:~/data/cats_and_dogs --image-size 48
+    images      hidden          dropout  augmentation        epochs  optimizer            val acc
+    16x16 RGB   1024-512        0.3      shifts 1 px, flips      30  SGD lr 0.01            67.0%
+    32x32 grey  1024-512        0.3      shifts 2 px, flips      30  SGD lr 0.01            63.5%
+    32x32 RGB   1024-512        0.3      shifts 2 px, flips      30  SGD lr 0.01            66.5%
+    48x48 RGB   1024-512        0.3      shifts 3 px, flips      30  SGD lr 0.01            68.5%
+    32x32 RGB   1024-512        0.3      none                    30  SGD lr 0.01            66.3%  (98% on training)
+    32x32 RGB   1024-512        0.3      shifts 2 px, flips     100  SGD lr 0.01            68.8%
+    32x32 RGB   1024-512        0.3      shifts 2 px, flips     100  Adam lr 1e-4           66.8%
+    32x32 RGB   1024-512        0.5      shifts 4 px, flips     200  SGD lr 0.01            69.3%  <- this configuration
+    32x32 RGB   1024-1024-1024  0.5      shifts 4 px, flips     200  SGD lr 0.01            69.3%
+    32x32 RGB   1024-512        0.5      shifts 4 px, flips     200  AdamW 3e-4, wd 0.05    64.8%
 
-Writes results/cat_vs_dog/: checkpoint.pt, metrics.jsonl, summary.json, and loss.png / accuracy.png / lr.png
-when matplotlib is installed.
+Colour helps (grey loses 2–3 points) and size beyond 16x16 hardly matters: what an MLP can use here is mostly colour
+and coarse layout. Without augmentation it learns the training photos by heart and generalises no better; with strong
+shifts, flips and dropout it fits them no better than new ones (about 70%), and validation accuracy stays between
+63.5% and 69.3% whatever else changes. On 400 validation photos one standard error is 2.3 points, so these
+differences are mostly noise, and picking the best of 30 runs flatters the winner: the 2,000 test photos say 65.4%.
+
+    python experiments/cat_vs_dog.py --dataset imagefolder:../shared/datasets/cats-vs-dogs
+    python experiments/cat_vs_dog.py --download          # CIFAR-10's cats and dogs (170 MB)
+
+Writes results/cat_vs_dog/: checkpoint.pt, metrics.jsonl, layers.jsonl, summary.json, and the figures of
+nnbackprop.plot.plot_run when matplotlib is installed.
 """
 
 import sys
@@ -25,12 +46,12 @@ from nnbackprop.experiment import result_row, run_experiment
 # ---------------------------------------------------------------------------------------------------- configuration
 config = TrainConfig(
     dataset="cifar10-catdog",
-    val_size=1000,
+    val_size=400,
     image_size=32,
     hidden=(1024, 512),
-    dropout=0.3,
+    dropout=0.5,
     loss="bce",
-    epochs=30,
+    epochs=200,
     batch_size=128,
     lr=0.01,
     momentum=0.9,
@@ -38,9 +59,9 @@ config = TrainConfig(
     weight_decay=5e-4,
     schedule="cosine",
     warmup_epochs=1,
-    shift=2,
+    shift=4,
     flip=True,
-    patience=8,
+    patience=40,
     seed=0,
 )
 out_dir = Path("results/cat_vs_dog")

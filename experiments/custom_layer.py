@@ -14,7 +14,7 @@ This script, top to bottom:
    ``nnbackprop train --model experiments/custom_layer.py:build --dataset fashion-mnist ...``;
 3. evaluates the checkpoint from the command line: ``nnbackprop evaluate runs/custom_layer``.
 
-    python experiments/custom_layer.py                 # 5 epochs (about a minute on a 2-core CPU)
+    python experiments/custom_layer.py                 # 5 epochs: 88.89% test accuracy, 27 s on a 2-core CPU
     python experiments/custom_layer.py --epochs 1      # any option of nnbackprop train (--data-dir, --out, ...)
 """
 
@@ -30,8 +30,7 @@ from torch import Tensor
 from nnbackprop import Flatten, Linear, Module, Parameter, Sequential, check_gradients, check_gradients_fd
 
 # ---------------------------------------------------------------------------------------------------- configuration
-TRAIN = ["--dataset", "fashion-mnist", "--epochs", "5", "--lr", "0.05", "--momentum", "0.9", "--schedule", "cosine",
-         "--out", "runs/custom_layer"]
+TRAIN = ["--dataset", "fashion-mnist", "--epochs", "5", "--out", "runs/custom_layer"]  # the rest: train's defaults
 
 
 # ---------------------------------------------------------------------------------------------------- the layers
@@ -111,7 +110,8 @@ def check() -> None:
         layer_norm.bias.uniform_(-0.5, 0.5)
     model = build(8, 3, torch.Generator().manual_seed(0), width=16).to(dtype=torch.float64)
     print(f"{'layer':<40} {'vs autograd (max rel err)':>27} {'finite differences':>19}")
-    for name, module in [("Swish", Swish()), ("LayerNorm(8)", layer_norm), ("build(8, 3, width=16): a whole model", model),
+    for name, module in [("Swish", Swish()), ("LayerNorm(8)", layer_norm),
+                         ("build(8, 3, width=16): a whole model", model),
                          ("BrokenSwish (wrong on purpose)", BrokenSwish())]:
         report = check_gradients(module, x64)
         fd = "ok" if check_gradients_fd(module, x64) else "FAIL"

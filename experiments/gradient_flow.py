@@ -12,12 +12,19 @@ The same deep MLP — 784, eight hidden layers of 256, 10 — trains three ways 
 
 Each run records, at every log interval, each layer's input-gradient norm, the update-to-value ratio of each parameter
 and the fraction of saturated (or dead) units (:mod:`nnbackprop.diagnostics`); the figure puts the three runs side by
-side, one column each. What to look at: in the gradients row, the sigmoid network's lines fan out over orders of
-magnitude — the layers near the input receive gradients hundreds of times smaller than those near the output (they
-vanish) — while the other two keep them within a narrow band; in the update-ratio row, the sigmoid network's first
-layers sit far below the 1e-3 guide line (they hardly move); the table below the figure says it in numbers.
+side, one column each. What to look at, in the run measured (seed 0, 3 epochs each, 36 s in all on a 2-core CPU):
 
-    python experiments/gradient_flow.py              # 3 epochs each, about 2 minutes on a 2-core CPU
+* gradients (top row): the sigmoid network's lines fan out over seven orders of magnitude — each of the fifteen
+  layers between the last linear layer and the second divides the gradient it passes back by about 2.5 on average
+  (σ′ ≤ ¼, and small weights), so the second linear layer receives about 1e-6 of what the last one does — while the
+  other two networks keep every layer within a factor of about 2;
+* update ratios (middle row): the sigmoid network's first layers move by 1e-8 of their size per step, far below the
+  1e-3 guide line: they do not learn, and neither does the network (10% test accuracy, chance, against 86.4% for tanh
+  with Xavier and 87.7% for ReLU with Kaiming and batch norm);
+* saturation (bottom row): the sigmoid units are not saturated at all — the gradient vanishes through σ′ ≤ ¼ alone;
+  about half of the ReLU units output 0 for a given image, and none is dead for a whole batch.
+
+    python experiments/gradient_flow.py              # 3 epochs each, under a minute on a 2-core CPU
     python experiments/gradient_flow.py --epochs 1   # any option of the runs (see --help)
 
 Writes results/gradient_flow/: one folder per run (with its own figures) and gradient_flow.png.
@@ -34,14 +41,18 @@ from nnbackprop.experiment import result_row, run_experiment
 from nnbackprop.plot import plot_diagnostics_grid
 
 # ---------------------------------------------------------------------------------------------------- configuration
-config = TrainConfig(
+config = TrainConfig(  # plain SGD with momentum, nothing else: no dropout, weight decay, warm-up or schedule
     dataset="fashion-mnist",
     hidden=(256,) * 8,
+    dropout=0.0,
     epochs=3,
     batch_size=128,
     lr=0.02,
     momentum=0.9,
+    nesterov=False,
+    weight_decay=0.0,
     schedule="constant",
+    warmup_epochs=0,
     log_every=20,
     seed=0,
 )

@@ -1,10 +1,10 @@
 """Checkpoints: the whole state of a training run in one file, written atomically, read back verified.
 
 A checkpoint is a dict (:data:`CHECKPOINT_KEYS`): ``config`` (the run's settings), ``data`` (what the model was trained
-on: classes, input shape, normalisation), ``epoch`` (epochs finished), ``model`` and ``best_model`` (state dicts: current
-weights, lowest-validation-loss weights), ``optimizer`` and ``scheduler`` (torch's state dicts), ``early_stopping``,
-``rng`` (random generator states), ``history`` (per-epoch metrics) and ``run`` (device, ranks, threads, elapsed time,
-where the model came from).
+on: classes, input shape, normalisation), ``epoch`` (epochs finished), ``model`` and ``best_model`` (state dicts:
+current weights, lowest-validation-loss weights), ``optimizer`` and ``scheduler`` (torch's state dicts),
+``early_stopping``, ``rng`` (random generator states), ``history`` (per-epoch metrics) and ``run`` (device, ranks,
+threads, elapsed time, where the model came from).
 
 On disk it is ``torch.save`` of ``{format, version, sha256, payload}``, the payload being the dict serialised by
 ``torch.save``, and the SHA-256 of those bytes. :func:`load_checkpoint` reads with ``torch.load(weights_only=True)``

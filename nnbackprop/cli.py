@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from nnbackprop.checkpoint import CheckpointError
+from nnbackprop.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, saved_config
 from nnbackprop.config import OneLineParser, add_arguments, config_from_args, default_out
 from nnbackprop.console import ConsoleLogger, format_evaluation, format_predictions, print_error
 from nnbackprop.datasets import DatasetNotFoundError
@@ -36,6 +36,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         require_matplotlib()
     config = config_from_args(args)
     out = Path(config.out) if config.out is not None else default_out(config)
+    if args.resume and (out / CHECKPOINT_FILE).is_file():  # the run as it was, changed only by the options given
+        config = config_from_args(args, saved_config(load_checkpoint(out), out / CHECKPOINT_FILE)).replace(out=str(out))
     args.out_dir = out
     dist = init_distributed(config.device)  # a single process unless launched by torchrun
     logger = ConsoleLogger(progress=not args.quiet and sys.stderr.isatty())
@@ -105,17 +107,19 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="nnbackprop", description="A multilayer perceptron with hand-written backpropagation on "
-                     "torch tensors, every gradient checked against torch.autograd.")
+    parser = OneLineParser(prog="nnbackprop", description="A multilayer perceptron with hand-written backpropagation "
+                           "on torch tensors, every gradient checked against torch.autograd.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("train", help="train an MLP (or your own model) with hand-written backpropagation",
                        description="Train an MLP, or the model a Python function returns (--model), with hand-written "
                        "backpropagation; writes checkpoint.pt, metrics.jsonl, summary.json and config.toml to --out. "
-                       "Settings come from the defaults, then --config FILE, then the options given here.")
+                       "Settings come from the defaults (with --resume: the run's checkpoint), then --config FILE, "
+                       "then the options given here.")
     add_arguments(p)
     g = p.add_argument_group("this command")
-    g.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out")
+    g.add_argument("--resume", action="store_true", help="continue the run whose checkpoint is in --out, with its "
+                   "settings (options given here change them where a run can change: --epochs, --patience, ...)")
     g.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("--plot", action="store_true", help="write the loss, accuracy and learning-rate curves as PNG, "
@@ -172,7 +176,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        return func(args)
+        code = func(args)
+        sys.stdout.flush()  # a reader that has gone (``| head``) shows here rather than at exit
+        return code
+    except BrokenPipeError:  # stop quietly, as Unix tools do; what was not read is not wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except NonFiniteLossError as error:
         if _reports(error):
             print_error(f"{error}. Lower the learning rate (--lr) or add warm-up (--warmup-epochs)")

@@ -96,7 +96,8 @@ class TrainConfig:
     """
 
     # data
-    dataset: str = setting("fashion-mnist", "data", "mnist | fashion-mnist | cifar10-catdog | imagefolder:PATH", _dataset)
+    dataset: str = setting("fashion-mnist", "data", "mnist | fashion-mnist | cifar10-catdog | imagefolder:PATH",
+                           _dataset)
     data_dir: str | None = setting(None, "data", "look here first for the data set files (and download into it)",
                                    resumable=True)
     download: bool = setting(False, "data", "download the data set if it is not found", resumable=True)
@@ -117,7 +118,8 @@ class TrainConfig:
     loss: str = setting("ce", "model", "ce: softmax cross-entropy; mse: squared error to one-hot targets; bce: one "
                         "logit, two classes", one_of("ce", "mse", "bce"))
     # optimisation
-    optimizer: str = setting("sgd", "optimisation", "sgd (with momentum), adam or adamw", one_of("sgd", "adam", "adamw"))
+    optimizer: str = setting("sgd", "optimisation", "sgd (with momentum), adam or adamw",
+                             one_of("sgd", "adam", "adamw"))
     epochs: int = setting(20, "optimisation", "passes over the training split", at_least(1), resumable=True)
     batch_size: int = setting(128, "optimisation", "examples per step (all ranks together)", at_least(1))
     lr: float | None = setting(None, "optimisation", "learning rate at its peak, after warm-up (default: 0.05 for "
@@ -348,7 +350,7 @@ def to_toml(config: TrainConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-# ---------------------------------------------------------------------------------------------------------- command line
+# --------------------------------------------------------------------------------------------------------- command line
 
 
 def add_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig | None = None) -> None:

@@ -116,8 +116,10 @@ class ConsoleLogger(TrainCallback):
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    """``rows`` (dicts with the same keys) as an aligned text table with a header; floats with 4 significant digits."""
-    cells = [[f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()] for row in rows]
+    """``rows`` (dicts with the same keys) as an aligned text table with a header; floats with 4 significant digits,
+    or 2 decimals in a column whose name ends in ``%``."""
+    cells = [[(f"{v:.2f}" if k.endswith("%") else f"{v:.4g}") if isinstance(v, float) else str(v)
+              for k, v in row.items()] for row in rows]
     header = list(rows[0])
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]

@@ -126,7 +126,8 @@ def gelu_forward(x: Tensor, approximate: str = "none", *, out: Tensor | None = N
 
 def gelu_backward(dout: Tensor, x: Tensor, approximate: str = "none", *, dx: Tensor | None = None) -> Tensor:
     """``dx = dout · (Φ(x) + x · φ(x))`` with ``φ`` the standard normal density; for the tanh form
-    ``dx = dout · (0.5 (1 + t) + 0.5 x (1 − t²) · √(2/π) (1 + 3 · 0.044715 x²))``, ``t = tanh(√(2/π)(x + 0.044715 x³))``."""
+    ``dx = dout · (0.5 (1 + t) + 0.5 x (1 − t²) · √(2/π) (1 + 3 · 0.044715 x²))``,
+    ``t = tanh(√(2/π)(x + 0.044715 x³))``."""
     if approximate == "tanh":
         t = torch.tanh(_SQRT_2_OVER_PI * (x + _GELU_CUBIC * x.pow(3)))
         dt = _SQRT_2_OVER_PI * (1 + 3 * _GELU_CUBIC * x * x)

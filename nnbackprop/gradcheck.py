@@ -88,7 +88,8 @@ def compare(name: str, ours: Tensor | None, ref: Tensor | None, tolerance: float
     ours = torch.zeros_like(like) if ours is None else ours.detach()
     ref = torch.zeros_like(like) if ref is None else ref.detach()
     if ours.shape != ref.shape:
-        raise ValueError(f"gradient check of '{name}': shape {tuple(ours.shape)} but the reference has {tuple(ref.shape)}")
+        raise ValueError(f"gradient check of '{name}': shape {tuple(ours.shape)} but the reference has "
+                         f"{tuple(ref.shape)}")
     ours64, ref64 = ours.double(), ref.double()
     abs_err = (ours64 - ref64).abs().max().item() if ours.numel() else 0.0
     scale = max(ref64.abs().max().item() if ref.numel() else 0.0, scale)

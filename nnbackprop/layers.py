@@ -1,10 +1,10 @@
 """Layers: the ops of :mod:`nnbackprop.functional` wrapped as modules with parameters, state and checks.
 
 Each layer's ``forward`` validates its input, computes the op and saves exactly what its ``backward`` needs;
-``backward(dout)`` returns ``dx`` and adds the parameter gradients into ``param.grad``. ``reference_forward`` is the same
-function in ``torch.nn.functional`` (what the gradient checker differentiates with autograd), and ``to_torch`` gives the
-equivalent ``torch.nn`` module. Outputs and input gradients go into the fast layout's workspace when one is bound
-(:meth:`~nnbackprop.module.Module.scratch`), parameter gradients into its flat gradient
+``backward(dout)`` returns ``dx`` and adds the parameter gradients into ``param.grad``. ``reference_forward`` is the
+same function in ``torch.nn.functional`` (what the gradient checker differentiates with autograd), and ``to_torch``
+gives the equivalent ``torch.nn`` module. Outputs and input gradients go into the fast layout's workspace when one is
+bound (:meth:`~nnbackprop.module.Module.scratch`), parameter gradients into its flat gradient
 (:meth:`~nnbackprop.module.Parameter.grad_out`); otherwise the ops allocate them.
 """
 
@@ -31,7 +31,8 @@ class Linear(Module):
         out_features: size ``D_out`` of each output row.
         bias: learn an additive bias.
         init: ``"default"`` as ``torch.nn.Linear`` (``W, b ~ U(−1/√D_in, 1/√D_in)``), ``"kaiming"``
-            (``W ~ N(0, 2/D_in)``, for ReLU nets; ``b = 0``) or ``"xavier"`` (``W ~ U(±√(6/(D_in + D_out)))``; ``b = 0``).
+            (``W ~ N(0, 2/D_in)``, for ReLU nets; ``b = 0``) or ``"xavier"``
+            (``W ~ U(±√(6/(D_in + D_out)))``; ``b = 0``).
         generator: the random source for the initial values, so models repeat.
 
     Shape:
@@ -114,7 +115,8 @@ class Linear(Module):
 
     def to_torch(self) -> torch.nn.Module:
         w = self.weight
-        m = torch.nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        m = torch.nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
+                            dtype=w.dtype)
         m.load_state_dict(self.state_dict())
         return m
 

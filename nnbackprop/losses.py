@@ -47,7 +47,8 @@ class Loss(Module):
 
     def _check_dout(self, dloss: Any) -> None:
         if isinstance(dloss, Tensor) and dloss.numel() != 1:
-            raise ValueError(f"{self.name}.backward: dloss must be a number or a one-element tensor (d total / d loss), "
+            raise ValueError(f"{self.name}.backward: dloss must be a number or a one-element tensor "
+                             "(d total / d loss), "
                              f"got shape {tuple(dloss.shape)}")
 
     def label_error(self) -> str | None:

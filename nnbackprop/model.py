@@ -103,7 +103,8 @@ def mlp(
     dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
 ) -> Sequential:
-    """A multilayer perceptron: ``[Flatten] → (Linear → [BatchNorm1d] → activation → [Dropout]) × len(hidden) → Linear``.
+    """A multilayer perceptron:
+    ``[Flatten] → (Linear → [BatchNorm1d] → activation → [Dropout]) × len(hidden) → Linear``.
 
     Args:
         in_features: flattened input size (784 for 28×28 images).

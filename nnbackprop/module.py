@@ -1,8 +1,8 @@
 """The module API: parameters, saved tensors, train/eval, device moves and ``state_dict``, shaped like ``torch.nn``.
 
-A :class:`Module` computes ``forward(x)`` and, from the gradient of the loss with respect to its output, ``backward(dout)``
-returns the gradient with respect to its input and *accumulates* the gradients of its parameters into ``param.grad``.
-Nothing here records an autograd graph: parameters are tensors that never require grad.
+A :class:`Module` computes ``forward(x)`` and, from the gradient of the loss with respect to its output,
+``backward(dout)`` returns the gradient with respect to its input and *accumulates* the gradients of its parameters into
+``param.grad``. Nothing here records an autograd graph: parameters are tensors that never require grad.
 
 Writing a layer takes only these public names (``torch.autograd.Function``'s where it has them)::
 
@@ -152,7 +152,8 @@ class Module:
     # ------------------------------------------------------------------ registration
     def __setattr__(self, name: str, value: Any) -> None:
         if "_parameters" not in self.__dict__:
-            raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() before assigning attributes")
+            raise RuntimeError(f"{type(self).__name__}.__init__ must call super().__init__() "
+                               "before assigning attributes")
         for store in (self._parameters, self._modules, self._buffers):
             store.pop(name, None)
         if isinstance(value, Parameter):
@@ -260,8 +261,8 @@ class Module:
 
     def check_input(self, x: Any, *, ndim: int | None = None, features: int | None = None) -> None:
         """Raise a ``ValueError`` naming this module, what it expected and what it got, unless ``x`` is a
-        floating-point tensor of rank ``ndim`` whose last dimension is ``features``, on the parameters' dtype and device.
-        """
+        floating-point tensor of rank ``ndim`` whose last dimension is ``features``, on the parameters' dtype and
+        device."""
         if (isinstance(x, Tensor) and x.is_floating_point() and (ndim is None or x.dim() == ndim)
                 and (features is None or (x.dim() > 0 and x.shape[-1] == features))):
             params = self._parameters
@@ -392,9 +393,12 @@ class Module:
         return self.train(False)
 
     @torch.no_grad()
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "Module":
-        """Move parameters, gradients and floating-point buffers to ``device`` and/or cast them to ``dtype``, in place.
-        A model bound to the fast layout leaves it (its parameters get storage of their own)."""
+    def to(self, device: torch.device | str | torch.dtype | None = None, dtype: torch.dtype | None = None) -> "Module":
+        """Move parameters, gradients and floating-point buffers to ``device`` and/or cast them to ``dtype``, in place;
+        as in torch, ``to(torch.float64)`` is ``to(dtype=torch.float64)``. A model bound to the fast layout leaves it
+        (its parameters get storage of their own)."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
         if dtype is not None and not dtype.is_floating_point:
             raise ValueError(f"{self.name}.to(dtype={dtype}): parameters must be floating point")
         moved = False

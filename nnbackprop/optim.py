@@ -1,4 +1,4 @@
-r"""Optimizers written by hand — SGD (momentum, Nesterov, weight decay), Adam and AdamW — as ``torch.optim.Optimizer`` s.
+r"""Optimizers written by hand — SGD (momentum, Nesterov, weight decay), Adam and AdamW — as ``torch.optim`` ones.
 
 Each optimizer reads ``param.grad`` (filled by the hand-written backward passes) and updates the parameters in place
 with plain tensor ops; no autograd graph is involved. Being ``torch.optim.Optimizer`` subclasses, they work with every

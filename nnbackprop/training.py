@@ -419,8 +419,8 @@ def check_fits(config: TrainConfig, data: DataSplits) -> None:
     if len(data.train) == 0:
         raise ValueError(f"{data.name}: the training split is empty")
     if len(data.test) == 0:
-        raise ValueError(f"{data.name} has no test split: give an image folder a test/ folder beside train/, or let one "
-                         "be carved from the images with --val-size > 0")
+        raise ValueError(f"{data.name} has no test split: give an image folder a test/ folder beside train/, or let "
+                         "one be carved from the images with --val-size > 0")
     if data.num_classes < 2:
         raise ValueError(f"{data.name} has {data.num_classes} class; a classifier needs at least two")
     if len(data.val) == 0 and config.patience is not None:
@@ -559,7 +559,8 @@ def _check_same_run(checkpoint: Mapping[str, Any], path: Path, config: TrainConf
     saved = saved_config(checkpoint, path)
     resumable = TrainConfig.resumable()
     differences = [f"{name} {getattr(saved, name)!r} there, {getattr(config, name)!r} here"
-                   for name in config.to_dict() if name not in resumable and getattr(saved, name) != getattr(config, name)]
+                   for name in config.to_dict()
+                   if name not in resumable and getattr(saved, name) != getattr(config, name)]
     if differences:
         raise CheckpointError(f"{path} was written by a run with other settings: {'; '.join(differences)}. Resume with "
                               "the checkpoint's settings, or start a new run in another directory")

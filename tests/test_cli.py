@@ -75,6 +75,20 @@ def test_resume_from_the_command_line(tmp_path, mnist_dir, capsys):
     assert code == 2 and "other settings: hidden (16,) there, (8,) here" in err and len(err.splitlines()) == 1
 
 
+def test_resume_takes_the_runs_own_settings_and_changes_only_those_given(tmp_path, mnist_dir, capsys):
+    out_dir = tmp_path / "run"
+    first = ["train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--out", str(out_dir), *SMALL,
+             "--schedule", "cosine", "--dropout", "0.1", "--epochs", "2"]
+    assert run(capsys, *first)[0] == 0
+    code, out, err = run(capsys, "train", "--out", str(out_dir), "--resume", "--quiet")
+    assert code == 0, err
+    assert "resuming" in out and "after epoch 2" in out
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["config"]["dropout"] == 0.1 and summary["config"]["epochs"] == 2
+    code, out, err = run(capsys, "train", "--out", str(out_dir), "--resume", "--epochs", "3")
+    assert code == 2 and "cosine schedule was laid out for 2 epochs" in err
+
+
 def test_divergence_is_one_line_with_a_hint(tmp_path, mnist_dir, capsys):
     code, out, err = run(capsys, "train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--lr", "1e30",
                          "--out", str(tmp_path / "run"), *SMALL)
@@ -177,6 +191,15 @@ def test_the_installed_command_reports_errors_without_a_traceback(tmp_path):
                             text=True, timeout=120)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == "nnbackprop: error: invalid training configuration: batch_size must be >= 1, got 0\n"
+
+
+def test_output_piped_into_a_reader_that_stops_early_ends_without_a_traceback() -> None:
+    command = (f"{sys.executable} -m nnbackprop gradcheck --dtype float32 --layout plain --no-finite-differences "
+               "| head -n 1")
+    result = subprocess.run(["bash", "-o", "pipefail", "-c", command], capture_output=True, text=True, timeout=300,
+                            env=subprocess_env())
+    assert result.stdout.startswith("gradient check:") and len(result.stdout.splitlines()) == 1
+    assert result.stderr == "" and result.returncode == 1
 
 
 def test_resume_without_a_run(tmp_path, capsys):
@@ -314,7 +337,7 @@ def test_a_bad_model_file_is_one_line(tmp_path, mnist_dir, capsys, spec, message
     assert code == 2 and re.search(message, err) and len(err.splitlines()) == 1, err
 
 
-# ------------------------------------------------------------------------------------------------------ predict, evaluate
+# ---------------------------------------------------------------------------------------------------- predict, evaluate
 
 PETS = ("cats", "dogs")  # write_image_folder: cats are black, dogs grey
 

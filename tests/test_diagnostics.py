@@ -132,6 +132,7 @@ def test_tensorboard_missing_is_one_line_before_anything_runs(tmp_path, monkeypa
 def test_records_file_errors_name_the_line(tmp_path):
     path = tmp_path / LAYERS_FILE
     assert read_layer_records(path) == []
-    path.write_text(json.dumps({"epoch": 1, "step": 4, "global_step": 4, "layers": {}, "parameters": {}}) + "\nnot json\n")
+    record = {"epoch": 1, "step": 4, "global_step": 4, "layers": {}, "parameters": {}}
+    path.write_text(json.dumps(record) + "\nnot json\n")
     with pytest.raises(ValueError, match="layers.jsonl, line 2: not a layer record: not JSON"):
         read_layer_records(path)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.autograd.gradcheck import GradcheckError
 from conftest import assert_failed, assert_passed, make_input
+from user_layers import Swish
 
 from nnbackprop import (BatchNorm1d, CrossEntropyLoss, Dropout, Linear, Module, Parameter, ReLU, check_gradients,
                         check_gradients_fd)
@@ -54,20 +55,6 @@ class CrossEntropyForgetsMean(CrossEntropyLoss):
     def backward(self, dloss: torch.Tensor | float = 1.0) -> torch.Tensor:
         probs, target = self.saved_tensors
         return F.cross_entropy_backward(dloss, probs, target, "sum")
-
-
-class Swish(Module):
-    """A user's layer with no ``reference_forward``: ``x · σ(x)``, ``dx = dout · (σ + x σ (1 − σ))``."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        s = torch.sigmoid(x)
-        self.save_for_backward(x, s)
-        return x * s
-
-    def backward(self, dout: torch.Tensor) -> torch.Tensor:
-        x, s = self.saved_tensors
-        return dout * (s + x * s * (1 - s))
 
 
 class SwishForgetsProductRule(Swish):

@@ -184,7 +184,7 @@ def _forward_backward(model: Module, x: torch.Tensor, labels: torch.Tensor) -> t
 def test_to_dtype_casts_parameters_gradients_and_float_buffers() -> None:
     model, x = _build("depth3-batchnorm")
     _forward_backward(model, x, torch.tensor([0, 1, 2, 0, 1, 2]))
-    assert model.to(dtype=torch.float32) is model
+    assert model.to(torch.float32) is model  # as torch: a dtype alone may be given by position
     for name, t in _all_tensors(model):
         assert t.dtype == (torch.long if name.endswith("num_batches_tracked") else torch.float32), name
     torch.testing.assert_close(model(x.float()), to_torch(model)(x.float()).detach())

@@ -6,28 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import assert_failed, assert_passed
+from user_layers import Scale
 
-from nnbackprop import Linear, Module, Parameter, ReLU, Sequential, check_gradients, check_gradients_fd
+from nnbackprop import Linear, Parameter, ReLU, Sequential, check_gradients, check_gradients_fd
 
 F64 = torch.float64
-
-
-class Scale(Module):
-    """A user's layer with a parameter, written with public names only: ``out = x · γ``."""
-
-    def __init__(self, features: int) -> None:
-        super().__init__()
-        self.gamma = Parameter(torch.linspace(0.5, 1.5, features, dtype=F64))
-
-    def forward(self, x):
-        self.check_input(x, ndim=2, features=self.gamma.shape[0])
-        self.save_for_backward(x)
-        return x * self.gamma
-
-    def backward(self, dout):
-        (x,) = self.saved_tensors
-        self.gamma.accumulate((dout * x).sum(0))
-        return dout * self.gamma
 
 
 class ScaleReadingData(Scale):
@@ -52,7 +35,7 @@ class DoubleScale(Scale):
 @pytest.mark.parametrize("layer_class", [Scale, ScaleReadingData, DoubleScale])
 def test_a_users_layer_is_checked_against_autograd_and_finite_differences(layer_class):
     x = torch.randn(5, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
-    layer = layer_class(4)
+    layer = layer_class(4).to(F64)
     assert_passed(check_gradients(layer, x))
     assert check_gradients_fd(layer, x)
 
@@ -64,7 +47,7 @@ def test_a_wrong_backward_in_a_users_layer_fails_the_check():
             return dout * self.gamma
 
     x = torch.randn(5, 4, dtype=F64, generator=torch.Generator().manual_seed(0))
-    assert_failed(check_gradients(ScaleForgetsX(4), x), "gamma")
+    assert_failed(check_gradients(ScaleForgetsX(4).to(F64), x), "gamma")
 
 
 def test_parameters_are_tensors_that_never_require_grad_and_accumulate():

@@ -12,9 +12,10 @@ import torch
 
 from nnbackprop import (BCEWithLogitsLoss, CrossEntropyLoss, Dropout, Flatten, GELU, LeakyReLU, Linear, MSELoss, ReLU,
                         Sequential, Tanh, make_step, mlp, to_torch)
-from nnbackprop.module import Module, Parameter
+from nnbackprop.module import Module
 from nnbackprop.optim import SGD, Adam, AdamW
 from nnbackprop.step import FastStep, SimpleStep, num_correct
+from user_layers import Scale, Swish
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5}
@@ -68,38 +69,6 @@ def _assert_same_training(simple, fast, dtype: torch.dtype) -> None:
         assert loss2.dim() == 0 and correct2.dim() == 0 and correct2.dtype == torch.int64
         torch.testing.assert_close(loss2.double(), loss1.double(), rtol=tol * 10, atol=tol * 10)
         assert correct2.item() == correct1.item()
-
-
-class Swish(Module):
-    """A user's layer without parameters, in public names only."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x)
-        s = torch.sigmoid(x)
-        self.save_for_backward(x, s)
-        return x * s
-
-    def backward(self, dout: torch.Tensor) -> torch.Tensor:
-        x, s = self.saved_tensors
-        return dout * (s + x * s * (1 - s))
-
-
-class Scale(Module):
-    """A user's layer with a parameter: ``out = x · γ`` per feature."""
-
-    def __init__(self, features: int) -> None:
-        super().__init__()
-        self.gamma = Parameter(torch.linspace(0.5, 1.5, features, dtype=torch.float64))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input(x, ndim=2, features=self.gamma.shape[0])
-        self.save_for_backward(x)
-        return x * self.gamma
-
-    def backward(self, dout: torch.Tensor) -> torch.Tensor:
-        (x,) = self.saved_tensors
-        self.gamma.accumulate((dout * x).sum(0))
-        return dout * self.gamma
 
 
 def _custom(dtype: torch.dtype = torch.float64, out: int = CLASSES, **_) -> Sequential:

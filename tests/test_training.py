@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 import torch
 
-from nnbackprop import (GELU, BatchNorm1d, Dropout, Flatten, LeakyReLU, Linear, Module, Parameter, ReLU, Sequential,
+from nnbackprop import (GELU, BatchNorm1d, Dropout, Flatten, LeakyReLU, Linear, ReLU, Sequential,
                         Sigmoid, Tanh)
 from nnbackprop import functional as F
 from nnbackprop.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
@@ -22,6 +22,7 @@ from nnbackprop.losses import CrossEntropyLoss
 from nnbackprop.metrics import METRICS_FILE
 from nnbackprop.callbacks import TrainCallback, TrainResult
 from nnbackprop.training import SUMMARY_FILE, NonFiniteLossError, evaluate, train
+from user_layers import Scale, Swish
 
 # A small run: 3 classes of 6x6 images, 300 training examples, 10 steps per epoch.
 BASE = TrainConfig(dataset="toy", hidden=(16,), dropout=0.0, epochs=3, batch_size=32, lr=0.05, nesterov=False,
@@ -315,34 +316,6 @@ def test_changing_one_backward_in_functional_changes_what_train_learns(pair, mon
 
 
 # ------------------------------------------------------------------------------------------------------ user models
-
-
-class Swish(Module):
-    def forward(self, x):
-        self.check_input(x)
-        s = torch.sigmoid(x)
-        self.save_for_backward(x, s)
-        return x * s
-
-    def backward(self, dout):
-        x, s = self.saved_tensors
-        return dout * (s + x * s * (1 - s))
-
-
-class Scale(Module):
-    def __init__(self, features):
-        super().__init__()
-        self.gamma = Parameter(torch.ones(features))
-
-    def forward(self, x):
-        self.check_input(x, ndim=2, features=self.gamma.shape[0])
-        self.save_for_backward(x)
-        return x * self.gamma
-
-    def backward(self, dout):
-        (x,) = self.saved_tensors
-        self.gamma.accumulate((dout * x).sum(0))
-        return dout * self.gamma
 
 
 def _user_model():
