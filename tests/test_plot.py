@@ -153,7 +153,7 @@ def test_an_empty_history_is_an_error():
 @pytest.mark.parametrize("out, dataset, expected", [
     ("runs/fashion-mnist", "fashion-mnist", "fashion-mnist"),
     ("runs/demo", "fashion-mnist", "demo (fashion-mnist)"),
-    ("/tmp/catdog", "imagefolder:/data/cats-vs-dogs/", "catdog (imagefolder:cats-vs-dogs)"),
+    ("/home/me/runs/catdog", "imagefolder:/data/cats-vs-dogs/", "catdog (imagefolder:cats-vs-dogs)"),
     ("runs/cats-vs-dogs", "imagefolder:/data/cats-vs-dogs", "cats-vs-dogs"),
 ])
 def test_run_title(out, dataset, expected):
