@@ -36,7 +36,8 @@ from nnbackprop.distributed import DistContext
 from nnbackprop.files import write_text
 from nnbackprop.loaders import make_loader
 from nnbackprop.step import FastStep
-from nnbackprop.training import build_loss, build_model, build_optimizer, build_scheduler, train_epoch
+from nnbackprop.build import build_loss, build_model, build_optimizer, build_scheduler
+from nnbackprop.training import Run, train_epoch
 
 # ---------------------------------------------------------------------------------------------------- configuration
 CONFIG = TrainConfig(dataset="fashion-mnist", hidden=(512, 512), batch_size=128, lr=0.05, momentum=0.9, epochs=100)
@@ -79,8 +80,8 @@ def epoch(mode: str, number: int) -> float:
     """Seconds for one epoch of ``train_epoch`` with diagnostics ``mode`` (off, on, full)."""
     sync()
     start = time.perf_counter()
-    train_epoch(step, loss_fn, loader, number, config, scheduler, generator, TrainCallback(), None, 0, DistContext(),
-                diagnostics.get(mode), [])
+    train_epoch(Run(config, step, loss_fn, loader, scheduler, generator, TrainCallback(), DistContext(),
+                    diagnostics.get(mode), [], None), number)
     return time.perf_counter() - start
 
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from nnbackprop.config import TrainConfig, parse_config
 from nnbackprop.console import format_table
-from nnbackprop.experiment import result_row, run_experiment
+from runner import result_row, run_experiment
 
 # ---------------------------------------------------------------------------------------------------- configuration
 config = TrainConfig(

@@ -12,7 +12,7 @@ This script, top to bottom:
    deliberately wrong backward failing;
 2. trains ``build()`` (784-256-LayerNorm-Swish-256-LayerNorm-Swish-10) on Fashion-MNIST from the command line:
    ``nnbackprop train --model experiments/custom_layer.py:build --dataset fashion-mnist ...``;
-3. evaluates the checkpoint from the command line: ``nnbackprop evaluate runs/custom_layer``.
+3. evaluates the checkpoint from the command line: ``nnbackprop evaluate runs/custom_layer --model THIS_FILE:build``.
 
     python experiments/custom_layer.py                 # 5 epochs: 88.89% test accuracy, 27 s on a 2-core CPU
     python experiments/custom_layer.py --epochs 1      # any option of nnbackprop train (--data-dir, --out, ...)
@@ -135,5 +135,6 @@ if __name__ == "__main__":
     out = train[len(train) - 1 - train[::-1].index("--out") + 1]
 
     check()
-    nnbackprop("train", "--model", f"{os.path.relpath(__file__)}:build", *train, "--overwrite", "--quiet")
-    nnbackprop("evaluate", out)
+    spec = f"{os.path.relpath(__file__)}:build"
+    nnbackprop("train", "--model", spec, *train, "--overwrite", "--quiet")
+    nnbackprop("evaluate", out, "--model", spec)  # a checkpoint never makes nnbackprop import code: name it again

@@ -37,7 +37,7 @@ from nnbackprop.config import TrainConfig, parse_config
 from nnbackprop.console import format_table
 from nnbackprop.datasets import load_dataset
 from nnbackprop.diagnostics import LAYERS_FILE, read_layer_records
-from nnbackprop.experiment import result_row, run_experiment
+from runner import result_row, run_experiment
 from nnbackprop.plot import plot_diagnostics_grid
 
 # ---------------------------------------------------------------------------------------------------- configuration

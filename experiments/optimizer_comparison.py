@@ -40,7 +40,7 @@ from pathlib import Path
 from nnbackprop.config import TrainConfig, parse_config
 from nnbackprop.console import fail, format_table
 from nnbackprop.datasets import DatasetNotFoundError, load_dataset
-from nnbackprop.experiment import result_row, run_experiment
+from runner import result_row, run_experiment
 from nnbackprop.files import write_text
 from nnbackprop.plot import plot_curves
 

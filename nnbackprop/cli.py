@@ -1,6 +1,9 @@
 """The command line: nnbackprop train, evaluate, predict and gradcheck.
 
-Every command exits non-zero with one "nnbackprop: error: ..." line for bad arguments or input.
+Every command exits non-zero with one "nnbackprop: error: ..." line for bad arguments or input: the
+:class:`~nnbackprop.errors.NNBackpropError` the library raises (status 2; 1 when training diverged), or a layer's
+``ValueError`` refusing its input. Ctrl-C and SIGTERM stop a run with one line saying how to resume it (status 130 and
+143). Each command imports what it needs when it runs, so ``--help`` answers quickly.
 """
 
 from __future__ import annotations
@@ -8,36 +11,48 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, NoReturn, Sequence
 
-import torch
-
-from nnbackprop.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, saved_config
 from nnbackprop.config import OneLineParser, add_arguments, config_from_args, default_out
-from nnbackprop.console import ConsoleLogger, format_evaluation, format_predictions, print_error
-from nnbackprop.datasets import DatasetNotFoundError
-from nnbackprop.distributed import DistributedError, cleanup, init_distributed
-from nnbackprop.files import WriteError
-from nnbackprop.gradcheck import LAYOUTS
-from nnbackprop.inference import evaluate_checkpoint, predict_files
-from nnbackprop.plot import plot_run, require_matplotlib
-from nnbackprop.training import NonFiniteLossError, train
+from nnbackprop.console import print_error
+from nnbackprop.errors import ConfigError, DistributedError, NNBackpropError, NonFiniteLossError
 
-GRADCHECK_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+class Terminated(BaseException):
+    """SIGTERM arrived: stop as Ctrl-C does (a ``BaseException``, so that nothing on the way catches it)."""
+
+
+def _terminate(signum: int, frame: Any) -> NoReturn:
+    raise Terminated
 
 
 # ------------------------------------------------------------------------------------------------------ commands
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from nnbackprop.checkpoint import CHECKPOINT_FILE, run_settings
+    from nnbackprop.console import ConsoleLogger
+    from nnbackprop.distributed import cleanup, init_distributed
+    from nnbackprop.training import train
+
     if args.plot:
+        from nnbackprop.plot import require_matplotlib
+
         require_matplotlib()
+    if args.resume and args.overwrite:
+        raise ConfigError("--resume continues the run in --out and --overwrite starts it afresh: give one of them")
     config = config_from_args(args)
     out = Path(config.out) if config.out is not None else default_out(config)
     if args.resume and (out / CHECKPOINT_FILE).is_file():  # the run as it was, changed only by the options given
-        config = config_from_args(args, saved_config(load_checkpoint(out), out / CHECKPOINT_FILE)).replace(out=str(out))
+        saved = run_settings(out)
+        if saved.model is not None and config.model is None:  # neither --model nor --config named one
+            raise ConfigError(f"{out / CHECKPOINT_FILE} was trained with the model {saved.model} builds; nnbackprop "
+                              "never imports code because a checkpoint names it: resume with --model "
+                              f"{saved.model}, once you have checked that file is yours")
+        config = config_from_args(args, saved).replace(out=str(out))
     args.out_dir = out
     dist = init_distributed(config.device)  # a single process unless launched by torchrun
     logger = ConsoleLogger(progress=not args.quiet and sys.stderr.isatty())
@@ -52,12 +67,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     print(f"results in {out}/ (checkpoint.pt, metrics.jsonl, summary.json, config.toml)")
     if args.plot:
+        from nnbackprop.plot import plot_run
+
         paths = plot_run(result, out)
         print("plots: " + ", ".join(str(p) for p in paths))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from nnbackprop.console import format_evaluation
+    from nnbackprop.inference import evaluate_checkpoint
+
     evaluation = evaluate_checkpoint(args.checkpoint, dataset=args.dataset, data_dir=args.data_dir,
                                      device=args.device, batch_size=args.batch_size, model=args.model)
     print(json.dumps(evaluation.to_dict(), indent=2) if args.json else format_evaluation(evaluation))
@@ -65,21 +85,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from nnbackprop.console import format_predictions
+    from nnbackprop.inference import predict_files
+
     predictions = predict_files(args.checkpoint, args.images, top=args.top, device=args.device, model=args.model)
     print(json.dumps(predictions, indent=2) if args.json else format_predictions(predictions))
     return 0
 
 
 def cmd_gradcheck(args: argparse.Namespace) -> int:
-    from nnbackprop.distributed import resolve_device
+    import torch
+
+    from nnbackprop.device import resolve_device
     from nnbackprop.gradcheck import builtin_checks
+    from nnbackprop.layout import DTYPES
 
     device = resolve_device(args.device)
     failed = total = 0
     print(f"gradient check: hand-written backward vs torch.autograd on {device} (torch {torch.__version__})")
     for layout in args.layout:
         for name in args.dtype:
-            dtype = GRADCHECK_DTYPES[name]
+            dtype = DTYPES[name]
             fd = args.finite_differences and dtype == torch.float64
             reports = builtin_checks(device, dtype, seed=args.seed, finite_differences=fd, layout=layout)
             print(f"\n{name}, {layout} layout: {'with' if fd else 'without'} finite differences")
@@ -102,13 +128,17 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     """``--device`` and ``--model``, for the commands that load a checkpoint."""
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    p.add_argument("--model", metavar="PATH.py:FUNCTION", help="rebuild the model with this function instead of the "
-                   "one the checkpoint records")
+    p.add_argument("--model", metavar="PATH.py:FUNCTION", help="rebuild the model with this function: needed for a "
+                   "model a user's function built (nnbackprop never imports a file because a checkpoint names it)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="nnbackprop", description="A multilayer perceptron with hand-written backpropagation "
-                           "on torch tensors, every gradient checked against torch.autograd.")
+    from nnbackprop.build import EVAL_BATCH_SIZE
+    from nnbackprop.gradcheck import LAYOUTS
+    from nnbackprop.layout import DTYPES
+
+    parser = OneLineParser(prog="nnbackprop", description="Neural networks with hand-written backpropagation on torch "
+                           "tensors, every gradient checked against torch.autograd.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     p = sub.add_parser("train", help="train an MLP (or your own model) with hand-written backpropagation",
@@ -134,9 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", metavar="NAME", help="evaluate on this data set instead: a name (mnist, ...) for its "
                    "test split, or imagefolder:PATH for PATH/test if PATH has train/ and test/, else all of PATH's "
                    "images; its classes must be the model's (default: the training data set's test split)")
-    p.add_argument("--data-dir", help="where the data set is (default: where training found it)")
+    p.add_argument("--data-dir", help="where a named data set is (default: where training found it)")
     add_model_arguments(p)
-    p.add_argument("--batch-size", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE, help=f"default: {EVAL_BATCH_SIZE}")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
     p.set_defaults(func=cmd_evaluate)
 
@@ -155,10 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Check every built-in layer, loss and a few models against torch.autograd (and "
                        "finite differences in float64), in the plain layout and in the fast step's layout.")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda (default: cpu)")
-    p.add_argument("--dtype", nargs="+", choices=list(GRADCHECK_DTYPES), default=["float64", "float32"])
+    p.add_argument("--dtype", nargs="+", choices=list(DTYPES), default=["float64", "float32"],
+                   help="default: float64 float32")
     p.add_argument("--layout", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS),
                    help="plain: the layers allocate; fast: workspace buffers and flat parameters (default: both)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="default: 0")
     p.add_argument("--no-finite-differences", dest="finite_differences", action="store_false",
                    help="skip the float64 finite-difference check")
     p.add_argument("-v", "--verbose", action="store_true", help="print every tensor of every check")
@@ -175,6 +206,7 @@ def _reports(error: BaseException) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         code = func(args)
         sys.stdout.flush()  # a reader that has gone (``| head``) shows here rather than at exit
@@ -186,16 +218,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _reports(error):
             print_error(f"{error}. Lower the learning rate (--lr) or add warm-up (--warmup-epochs)")
         return 1
-    except (ValueError, ImportError, FileNotFoundError, FileExistsError, DistributedError, WriteError,
-            CheckpointError, DatasetNotFoundError) as error:
+    except (NNBackpropError, ValueError) as error:  # ValueError: a layer refusing its input
         if _reports(error):
             print_error(error)
         return 2
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as stop:
+        from nnbackprop.checkpoint import CHECKPOINT_FILE
+
         where = getattr(args, "out_dir", None)
-        hint = f"; continue from the last finished epoch with --resume --out {where}" if where is not None else ""
-        print(f"nnbackprop: interrupted{hint}", file=sys.stderr)
-        return 130
+        resumable = where is not None and (Path(where) / CHECKPOINT_FILE).is_file()
+        hint = f"; continue from the last finished epoch with --resume --out {where}" if resumable else ""
+        what = "interrupted" if isinstance(stop, KeyboardInterrupt) else "terminated (SIGTERM)"
+        print(f"nnbackprop: {what}{hint}", file=sys.stderr)
+        return 130 if isinstance(stop, KeyboardInterrupt) else 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

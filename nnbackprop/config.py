@@ -22,7 +22,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from nnbackprop.errors import ERROR_PREFIX
+from nnbackprop.datasets import DATASETS
+from nnbackprop.diagnostics import MODES
+from nnbackprop.errors import ERROR_PREFIX, ConfigError
+from nnbackprop.layers import LINEAR_INITS
+from nnbackprop.layout import DTYPES
+from nnbackprop.losses import LOSSES
+from nnbackprop.model import ACTIVATIONS
+from nnbackprop.optim import DEFAULT_LR, OPTIMIZERS
+from nnbackprop.schedule import SCHEDULES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -75,8 +83,10 @@ def _model_spec(value: str) -> str | None:
 
 
 def _dataset(value: str) -> str | None:
-    if not value or (value.startswith("imagefolder:") and value == "imagefolder:"):
-        return "must be mnist, fashion-mnist, cifar10-catdog or imagefolder:PATH"
+    """Any name is a name (data passed to ``train()`` in Python carries its own); ``load_dataset`` knows
+    :data:`~nnbackprop.datasets.DATASETS`."""
+    if not value or value == "imagefolder:":
+        return f"must be one of {', '.join(DATASETS)}"
     return None
 
 
@@ -96,8 +106,7 @@ class TrainConfig:
     """
 
     # data
-    dataset: str = setting("fashion-mnist", "data", "mnist | fashion-mnist | cifar10-catdog | imagefolder:PATH",
-                           _dataset)
+    dataset: str = setting("fashion-mnist", "data", " | ".join(DATASETS), _dataset)
     data_dir: str | None = setting(None, "data", "look here first for the data set files (and download into it)",
                                    resumable=True)
     download: bool = setting(False, "data", "download the data set if it is not found", resumable=True)
@@ -109,21 +118,20 @@ class TrainConfig:
     model: str | None = setting(None, "model", "PATH.py:FUNCTION: train the model this function returns instead of "
                                 "the MLP below (see the README's custom layers)", _model_spec)
     hidden: tuple[int, ...] = setting((512, 512), "model", "hidden layer widths, comma-separated", each(at_least(1)))
-    activation: str = setting("relu", "model", "activation of the hidden layers",
-                              one_of("relu", "leaky_relu", "sigmoid", "tanh", "gelu"))
+    activation: str = setting("relu", "model", "activation of the hidden layers", one_of(*ACTIVATIONS))
     dropout: float = setting(0.2, "model", "dropout after each hidden layer", between(0, 1))
     batchnorm: bool = setting(False, "model", "batch normalisation after each hidden linear layer")
     init: str = setting("default", "model", "weight initialisation (default: as torch.nn.Linear)",
-                        one_of("default", "kaiming", "xavier"))
+                        one_of(*LINEAR_INITS))
     loss: str = setting("ce", "model", "ce: softmax cross-entropy; mse: squared error to one-hot targets; bce: one "
-                        "logit, two classes", one_of("ce", "mse", "bce"))
+                        "logit, two classes", one_of(*LOSSES))
     # optimisation
-    optimizer: str = setting("sgd", "optimisation", "sgd (with momentum), adam or adamw",
-                             one_of("sgd", "adam", "adamw"))
+    optimizer: str = setting("sgd", "optimisation", "sgd (with momentum), adam or adamw", one_of(*OPTIMIZERS))
     epochs: int = setting(20, "optimisation", "passes over the training split", at_least(1), resumable=True)
     batch_size: int = setting(128, "optimisation", "examples per step (all ranks together)", at_least(1))
-    lr: float | None = setting(None, "optimisation", "learning rate at its peak, after warm-up (default: 0.05 for "
-                               "SGD, 1e-3 for Adam and AdamW)", at_least(0, strict=True))
+    lr: float | None = setting(None, "optimisation", "learning rate at its peak, after warm-up (default: " + ", ".join(
+                               f"{lr:g} for {name}" for name, lr in DEFAULT_LR.items()) + ")",
+                               at_least(0, strict=True))
     momentum: float = setting(0.9, "optimisation", "SGD momentum", at_least(0))
     nesterov: bool = setting(True, "optimisation", "SGD with Nesterov momentum")
     betas: tuple[float, ...] = setting((0.9, 0.999), "optimisation", "Adam/AdamW moment decay rates beta1,beta2",
@@ -131,7 +139,7 @@ class TrainConfig:
     weight_decay: float = setting(5e-4, "optimisation", "L2 penalty (SGD, Adam) or decoupled decay (AdamW)",
                                   at_least(0))
     schedule: str = setting("cosine", "optimisation", "learning-rate schedule, stepped every batch",
-                            one_of("constant", "step", "cosine"))
+                            one_of(*SCHEDULES))
     warmup_epochs: float | None = setting(None, "optimisation", "linear learning-rate warm-up, in epochs, may be "
                                           "fractional (default: 1 epoch, or a tenth of a run shorter than 10)",
                                           at_least(0))
@@ -147,15 +155,17 @@ class TrainConfig:
                                 "the data set: on for CIFAR-10 cats and dogs, else off)")
     # run
     device: str = setting("auto", "run", "auto, cpu, cuda or cuda:N", resumable=True)
-    dtype: str = setting("float32", "run", "parameter and data type", one_of("float32", "float64"))
+    dtype: str = setting("float32", "run", "the dtype the layers compute in; bfloat16: mixed precision, with float32 "
+                         "master weights and optimizer state (the fast step)", one_of(*DTYPES))
     seed: int = setting(0, "run", "seed of weights, shuffling, dropout and augmentation", at_least(0))
     fast: bool = setting(True, "run", "the fast step (buffers, flat parameters); --no-fast: the readable one",
                          resumable=True)
     cuda_graph: bool = setting(False, "run", "(CUDA) replay each training step as a CUDA graph", resumable=True)
+    tf32: bool = setting(False, "run", "(CUDA) float32 matrix products and convolutions in TF32", resumable=True)
     log_every: int = setting(50, "run", "steps between reads of the running loss (progress, divergence check, "
                              "diagnostics)", at_least(1), resumable=True)
     diagnostics: str = setting("on", "run", "per-layer statistics in OUT/layers.jsonl: off, on (one step per log "
-                               "interval) or full (every step, averaged)", one_of("off", "on", "full"),
+                               "interval) or full (every step, averaged)", one_of(*MODES),
                                resumable=True)
     tensorboard: bool = setting(False, "run", "write TensorBoard logs to OUT/tensorboard (pip install "
                                 "'nnbackprop[tensorboard]')", resumable=True)
@@ -177,7 +187,7 @@ class TrainConfig:
         if not problems:
             problems += self._cross_checks()
         if problems:
-            raise ValueError("invalid training configuration: " + "; ".join(problems))
+            raise ConfigError("invalid training configuration: " + "; ".join(problems))
 
     def _cross_checks(self) -> list[str]:
         problems = []
@@ -206,7 +216,7 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}; the settings are "
+            raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}; the settings are "
                              f"{', '.join(sorted(known))}")
         hints = _types()
         changes = {}
@@ -214,12 +224,12 @@ class TrainConfig:
             value = _coerce(value, hints[name])
             problem = _type_problem(value, hints[name])
             if problem:
-                raise ValueError(f"{source}: {name} {problem}, got {value!r}")
+                raise ConfigError(f"{source}: {name} {problem}, got {value!r}")
             changes[name] = value
         try:
             return (base or cls()).replace(**changes)
         except ValueError as error:
-            raise ValueError(f"{source}: {error}") from None
+            raise ConfigError(f"{source}: {error}") from None
 
     @staticmethod
     def resumable() -> tuple[str, ...]:
@@ -312,16 +322,16 @@ def load_config_file(path: str | Path, base: TrainConfig | None = None) -> Train
     try:
         text = path.read_text()
     except OSError as error:
-        raise ValueError(f"config file {path}: cannot read it ({error.strerror or error})") from None
+        raise ConfigError(f"config file {path}: cannot read it ({error.strerror or error})") from None
     try:
         values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as error:
-        raise ValueError(f"config file {path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} "
+        raise ConfigError(f"config file {path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} "
                          f"({error})") from None
     if isinstance(values, dict) and isinstance(values.get("config"), dict):
         values = values["config"]  # a summary.json
     if not isinstance(values, dict):
-        raise ValueError(f"config file {path}: expected settings as name = value, got a {type(values).__name__}")
+        raise ConfigError(f"config file {path}: expected settings as name = value, got a {type(values).__name__}")
     return TrainConfig.from_mapping(values, base, f"config file {path}")
 
 
@@ -401,7 +411,12 @@ def config_from_args(args: argparse.Namespace, base: TrainConfig | None = None) 
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """An ``ArgumentParser`` that reports a bad argument as one ``nnbackprop: error: ...`` line, without the usage."""
+    """An ``ArgumentParser`` that reports a bad argument as one ``nnbackprop: error: ...`` line, without the usage, and
+    takes options by their full names only (``--epoch`` is not taken for ``--epochs``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{ERROR_PREFIX}{message}\n")

@@ -27,6 +27,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms.functional import pil_to_tensor
 
+from nnbackprop.errors import DatasetNotFoundError
+
 SYSTEM_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 """Where the Debian package ``dataset-fashion-mnist`` installs the four idx files."""
 
@@ -44,10 +46,6 @@ MNIST_FILES = (
 )
 CIFAR10_FILES = ("data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
                  "batches.meta")
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A data set is in none of the searched places; the message lists them and how to get the data."""
 
 
 @dataclass(frozen=True)

@@ -73,7 +73,7 @@ class Diagnostics:
         if mode not in MODES[1:]:
             raise ValueError(f"diagnostics mode must be one of {', '.join(MODES[1:])}, got {mode!r}")
         self.model, self.optimizer, self.mode, self.keep_activations = model, optimizer, mode, keep_activations
-        self.layers = [(name, m) for name, m in model.named_modules() if name and not m._modules]
+        self.layers = [(name, m) for name, m in model.named_modules() if name and next(m.children(), None) is None]
         self.parameters = list(model.named_parameters())
         self._handles: list[RemovableHandle] = []
         self._sums: dict[tuple[str, str], Tensor] = {}  # (name, statistic) → running sum on the device

@@ -29,24 +29,19 @@ import contextlib
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from nnbackprop.errors import gist
+from nnbackprop.device import resolve_device
+from nnbackprop.errors import DistributedError, gist
 from nnbackprop.module import Module
-from nnbackprop.step import GradHook
 
 DEFAULT_TIMEOUT_S = 300.0
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-
-
-class DistributedError(RuntimeError):
-    """A data-parallel run cannot start or go on: no such device, a process group that does not form, a rank that
-    died or stopped answering. The message names this rank, the world size and what to do."""
 
 
 @dataclass(frozen=True)
@@ -86,23 +81,6 @@ def _env_int(name: str) -> int:
         return int(value)
     except ValueError:
         raise ValueError(f"environment variable {name}={value!r} must be an integer; launch with torchrun") from None
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` is CUDA when available, else the CPU; asking for CUDA without it is a ``ValueError``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} was requested but CUDA is not available on this machine; use cpu")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
-    return device
 
 
 def _device(device_arg: str, local_rank: int, distributed: bool) -> torch.device:
@@ -193,7 +171,7 @@ def _collective(ctx: DistContext, what: str) -> Iterator[None]:
         ) from err
 
 
-def all_reduce_mean_hook(ctx: DistContext) -> GradHook | None:
+def all_reduce_mean_hook(ctx: DistContext) -> Callable[[Tensor], None] | None:
     """The gradient hook of data-parallel training: average the flat gradient over the ranks, in place.
 
     The hook takes ``flat_grads`` ``(P,)``, all parameter gradients of this rank concatenated, and leaves
@@ -252,27 +230,6 @@ def broadcast_module(ctx: DistContext, model: Module, src: int = 0) -> None:
     with _collective(ctx, f"broadcasting the model from rank {src}"):
         for t in tensors:
             dist.broadcast(t, src)
-
-
-def flat_parameters(model: Module) -> Tensor:
-    """All parameter values concatenated in ``model.parameters()`` order: ``(P,)``, a copy."""
-    return torch.cat([p.data.reshape(-1) for p in model.parameters()])
-
-
-def parameters_in_sync(ctx: DistContext, model: Module) -> bool:
-    """Whether every rank's parameters are bitwise equal to rank 0's; the same answer on every rank.
-
-    Costs one broadcast of the whole model: a check for tests and debugging, not for every step.
-    """
-    if not ctx.distributed:
-        return True
-    mine = flat_parameters(model)  # (P,)
-    reference = mine.clone()
-    with _collective(ctx, "the parameter check"):
-        dist.broadcast(reference, 0)
-        mismatches = torch.tensor(int(not torch.equal(mine, reference)), device=ctx.device)
-        dist.all_reduce(mismatches, op=dist.ReduceOp.SUM)
-    return int(mismatches) == 0
 
 
 def local_batch_size(global_batch: int, world_size: int) -> int:

@@ -16,11 +16,9 @@ import tempfile
 from pathlib import Path
 from typing import IO, Callable
 
+from nnbackprop.errors import WriteError
+
 TEMP_SUFFIX = ".tmp"
-
-
-class WriteError(OSError):
-    """A file could not be written; the message names it, the cause and what to do."""
 
 
 def _cause(error: BaseException) -> str:

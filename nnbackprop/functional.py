@@ -155,7 +155,10 @@ def dropout_forward(
     uniform = torch.rand(x.shape, generator=generator, device=draw_device, dtype=x.dtype, out=draw)
     keep_scale = 0.0 if p >= 1 else 1.0 / (1.0 - p)
     scaled = uniform.ge_(p).mul_(keep_scale)  # m / (1 − p), in place of the draws
-    mask = scaled if mask is None or mask is scaled else mask.copy_(scaled)
+    if mask is None:
+        mask = scaled.to(x.device)
+    elif mask is not scaled:
+        mask.copy_(scaled)
     return torch.mul(x, mask, out=out), mask
 
 

@@ -1,10 +1,12 @@
 """Using a trained model: rebuild it from its checkpoint, predict the classes of image files, and evaluate it.
 
-:func:`load_model` rebuilds the model a checkpoint describes — the MLP of its settings, or a user's model from the
-``PATH.py:FUNCTION`` it records — with the best weights, in evaluation mode. :func:`predict_files` gives the most
-likely classes of image files (any size, grey or colour), prepared exactly as the training images were.
+:func:`load_model` rebuilds the model a checkpoint describes — the MLP of its settings, or a user's model, built by
+the ``PATH.py:FUNCTION`` the user names again (a checkpoint never makes nnbackprop import code, see
+:mod:`nnbackprop.user_model`) — with the best weights, in evaluation mode. :func:`predict_files` gives the most likely
+classes of image files (any size, grey or colour), prepared exactly as the training images were.
 :func:`evaluate_checkpoint` measures the model on the test split of the data set it was trained on, or on another data
 set with the same classes (e.g. another image folder), with per-class precision, recall and the confusion matrix.
+Reading a checkpoint here changes nothing on disk.
 """
 
 from __future__ import annotations
@@ -17,37 +19,36 @@ import torch
 import torchvision
 from torch import Tensor
 
-from nnbackprop.checkpoint import CheckpointError, load_checkpoint, load_into, resolve_checkpoint, saved_config
+from nnbackprop.build import EVAL_BATCH_SIZE, build_loss, build_model, dtypes
+from nnbackprop.checkpoint import load_checkpoint, load_into, resolve_checkpoint, saved_config
 from nnbackprop.config import TrainConfig
-from nnbackprop.datasets import DatasetNotFoundError, ImageFolderData, SplitData, load_dataset, read_image
-from nnbackprop.distributed import resolve_device
-from nnbackprop.errors import one_line
-from nnbackprop.loaders import Loader, make_loader, normalize
+from nnbackprop.datasets import ImageFolderData, SplitData, load_dataset, read_image
+from nnbackprop.device import resolve_device
+from nnbackprop.errors import CheckpointError, ConfigError, DatasetNotFoundError, MissingFileError, one_line
+from nnbackprop.evaluation import class_probabilities, evaluate
+from nnbackprop.loaders import make_loader, normalize
 from nnbackprop.losses import Loss
-from nnbackprop.metrics import EpochMetrics, write_metrics
 from nnbackprop.module import Module
-from nnbackprop.training import DTYPES, EVAL_BATCH_SIZE, build_loss, build_model
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu",
                model: str | None = None) -> tuple[Module, Loss, dict[str, Any]]:
     """Rebuild the model of a checkpoint (or run folder) with its best weights (its last ones if it has no best), in
-    eval mode.
+    eval mode, in the dtype it computed in.
 
     Args:
-        model: ``PATH.py:FUNCTION`` to build the model with, instead of what the checkpoint records (e.g. when the file
-            has moved).
+        model: ``PATH.py:FUNCTION`` to build the model with. Needed for a model a user's function built: the
+            checkpoint records which one, but only a file the user names is ever imported.
 
     Returns:
         ``(model, loss_fn, checkpoint)``: the loss the model was trained with, and the whole checkpoint dict.
 
     Raises:
-        FileNotFoundError, CheckpointError: see :func:`~nnbackprop.checkpoint.load_checkpoint`; also when the model
+        MissingFileError, CheckpointError: see :func:`~nnbackprop.checkpoint.load_checkpoint`; also when the model
             cannot be rebuilt (saying what is missing) or the weights do not fit it.
     """
     path = resolve_checkpoint(path)
     checkpoint = load_checkpoint(path)
-    _repair_metrics(path, checkpoint)
     config = saved_config(checkpoint, path)
     source = checkpoint["run"].get("model", {"kind": "mlp"})
     if model is not None:
@@ -56,43 +57,21 @@ def load_model(path: str | Path, device: torch.device | str = "cpu",
         raise CheckpointError(f"{path} holds a model that was passed to nnbackprop.train() in Python, which the "
                               "checkpoint cannot rebuild: build it again and load checkpoint['model'] into it, or pass "
                               "--model PATH.py:FUNCTION")
-    elif config.model is not None and not Path(config.model.rpartition(":")[0]).expanduser().is_file():
-        raise CheckpointError(f"{path} was trained with the model of {config.model}, and that file is not here; pass "
-                              "--model PATH.py:FUNCTION to rebuild it")
+    elif config.model is not None:
+        raise CheckpointError(f"{path} was trained with the model {config.model} builds; nnbackprop never imports "
+                              "code because a checkpoint names it (anyone can write one): pass --model "
+                              f"{config.model} to rebuild it, once you have checked that file is yours")
     info = checkpoint["data"]
     rebuilt = build_model(config, tuple(info["input_shape"]), len(info["classes"]), device)
     weights = checkpoint["best_model"] if checkpoint["best_model"] is not None else checkpoint["model"]
     load_into(rebuilt, weights, path, "model weights")
+    compute_dtype, parameter_dtype = dtypes(config)
+    if compute_dtype != parameter_dtype:  # mixed precision: the float32 master weights, computed with as in training
+        rebuilt.to(compute_dtype)
     return rebuilt.eval(), build_loss(config), checkpoint
 
 
-def _repair_metrics(path: Path, checkpoint: dict[str, Any]) -> None:
-    """Repair the run folder's ``metrics.jsonl`` from the checkpoint's history (a run killed between writing the two
-    leaves the checkpoint one epoch ahead); skipped where the folder is not writable."""
-    try:
-        write_metrics(path.parent, [EpochMetrics(**m) for m in checkpoint["history"]])
-    except OSError:
-        pass
-
-
 # ------------------------------------------------------------------------------------------------------ predict
-
-
-def class_probabilities(output: Tensor) -> Tensor:
-    """The probability of each class from a model's output.
-
-    ``output (N, C)``: the softmax of the logits (for a model trained with ``mse`` these are its outputs' softmax, a
-    ranking more than a calibrated probability); ``output (N,)`` or ``(N, 1)``, one logit of a two-class model
-    (``bce``): ``p(class 1) = sigmoid(logit)`` and ``p(class 0) = 1 - p(class 1)``.
-
-    Returns:
-        ``(N, C)`` (``(N, 2)`` for one logit), each row summing to 1, in at least float32.
-    """
-    output = output.to(torch.promote_types(output.dtype, torch.float32))
-    if output.dim() < 2 or output.shape[1] == 1:
-        p1 = torch.sigmoid(output.reshape(-1))
-        return torch.stack([1 - p1, p1], dim=1)
-    return torch.softmax(output, dim=1)
 
 
 def _parameter(model: Module) -> Tensor:
@@ -142,7 +121,7 @@ def read_images(paths: Sequence[str | Path], data_info: Mapping[str, Any]) -> Te
     for path in paths:
         if not Path(path).is_file():
             what = "is a folder, not an image file" if Path(path).is_dir() else "not found"
-            raise FileNotFoundError(f"image {path} {what}; pass image files")
+            raise MissingFileError(f"image {path} {what}; pass image files")
         images.append(read_image(path, shape))
     return torch.stack(images) if images else torch.empty(0, *shape, dtype=torch.uint8)
 
@@ -243,27 +222,6 @@ class Evaluation:
         return {**asdict(self), "num_examples": self.num_examples, "per_class": per_class}
 
 
-@torch.no_grad()
-def confusion_matrix(model: Module, loss_fn: Loss, loader: Loader, num_classes: int) -> tuple[float, Tensor]:
-    """Mean loss and the confusion matrix of ``model`` (in eval mode) over every batch of ``loader``; the predicted
-    class is the most likely one (:func:`class_probabilities`).
-
-    Returns:
-        ``(loss, confusion)``: ``confusion`` int64 ``(num_classes, num_classes)`` on the CPU, ``[true, predicted]``.
-    """
-    loss_sum = torch.zeros((), dtype=torch.float64, device=loader.device)
-    counts = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=loader.device)  # flat (true, predicted)
-    for x, y in loader:
-        output = model(x)
-        loss_sum += loss_fn(output, y).double() * len(y)
-        predicted = class_probabilities(output).argmax(1)
-        counts += torch.bincount(y * num_classes + predicted, minlength=num_classes * num_classes)
-    n = int(counts.sum())
-    if n == 0:
-        raise ValueError("nothing to evaluate: the data set has no examples")
-    return loss_sum.item() / n, counts.view(num_classes, num_classes).cpu()
-
-
 def image_folder_split(root: str | Path, input_shape: Sequence[int]) -> tuple[ImageFolderData, list[str], str]:
     """The images of a folder to evaluate a model of ``input_shape`` ``(C, H, W)`` on: ``root/test`` if ``root`` has
     ``train/`` and ``test/``, else every image of ``root``, one subfolder per class; read as in training (grey for
@@ -307,17 +265,22 @@ def evaluation_data(config: TrainConfig, info: Mapping[str, Any], dataset: str |
     """The labelled examples to evaluate a model trained with ``config`` on ``info`` (a checkpoint's ``data``) on.
 
     ``dataset`` ``None`` or the training data set: its test split, found and split as in training (``data_dir``
-    overrides the checkpoint's). ``imagefolder:PATH``: :func:`image_folder_split`. Another name (``mnist``, ...): its
-    test split.
+    overrides the checkpoint's; an image folder is found by its path, so ``data_dir`` is refused for it).
+    ``imagefolder:PATH``: :func:`image_folder_split`. Another name (``mnist``, ...): its test split.
 
     Returns:
         ``(examples, classes, dataset name, split, source)``.
 
     Raises:
-        ValueError: the data set's classes or input shape are not the model's (the message names both).
+        ConfigError: the data set's classes or input shape are not the model's (the message names both), or
+            ``data_dir`` for an image folder.
         DatasetNotFoundError: no such data set.
     """
     shape = tuple(info["input_shape"])
+    folder = dataset if dataset is not None else config.dataset
+    if data_dir is not None and folder.startswith("imagefolder:"):
+        raise ConfigError(f"--data-dir finds a named data set (mnist, ...); {folder} is found by its path: to evaluate "
+                          "on another folder pass --dataset imagefolder:PATH, without --data-dir")
     if dataset is not None and dataset.startswith("imagefolder:") and not _same_data_set(dataset, config.dataset):
         root = Path(dataset.removeprefix("imagefolder:")).expanduser()
         examples, classes, split = image_folder_split(root, shape)  # read at the model's input shape
@@ -331,10 +294,10 @@ def evaluation_data(config: TrainConfig, info: Mapping[str, Any], dataset: str |
         examples, classes, split = data.test, list(data.classes), "test"
         name, source, found_shape = data.name, data.source, data.input_shape
     if classes != list(info["classes"]):
-        raise ValueError(f"the model was trained on classes {info['classes']}, but {source} has {classes}; "
+        raise ConfigError(f"the model was trained on classes {info['classes']}, but {source} has {classes}; "
                          "evaluate on a data set with the same classes in the same order")
     if tuple(found_shape) != shape:
-        raise ValueError(f"the model takes inputs of shape {list(shape)}, but {name} has {list(found_shape)}; "
+        raise ConfigError(f"the model takes inputs of shape {list(shape)}, but {name} has {list(found_shape)}; "
                          "evaluate on a data set of the same image size and channels")
     return examples, classes, name, split, source
 
@@ -355,8 +318,8 @@ def evaluate_checkpoint(path: str | Path, *, dataset: str | None = None, data_di
     info = checkpoint["data"]
     examples, classes, name, split, source = evaluation_data(config, info, dataset, data_dir)
     loader = make_loader(examples, batch_size, mean=info["mean"], std=info["std"], device=torch_device,
-                         dtype=DTYPES[config.dtype])
-    loss, confusion = confusion_matrix(rebuilt, loss_fn, loader, len(classes))
+                         dtype=dtypes(config)[0])
+    scores = evaluate(rebuilt, loss_fn, loader, num_classes=len(classes))
     best_epoch = checkpoint["early_stopping"].get("best_epoch") if checkpoint["best_model"] is not None else None
     return Evaluation(str(resolve_checkpoint(path)), checkpoint["epoch"], best_epoch, name, split, source, classes,
-                      loss, int(confusion.trace()) / int(confusion.sum()), confusion.tolist())
+                      scores.loss, scores.accuracy, scores.confusion.tolist())

@@ -3,9 +3,10 @@
 The returned gradient is what the model's ``backward`` takes as ``dout``.
 
 Labels are checked on every call. On the CPU that is a plain read. On a GPU, reading them would stall the device every
-step, so there the check runs on the device: out-of-range labels are clamped (no device-side assert) and turn the loss
-into NaN, and :meth:`Loss.label_error` (which the training loop consults when it meets a non-finite loss) says which
-labels were wrong.
+step, so there the check runs on the device: out-of-range labels are clamped (no device-side assert), set a flag that
+stays set, and turn the loss into NaN; :meth:`Loss.label_error` (which the training loop consults when it meets a
+non-finite loss) reads the flag and says what the labels must be. The flag is one tensor the loss keeps, written in
+place, so a CUDA graph's replays set it as an eager step does.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class Loss(Module):
         if reduction not in self.reductions:
             raise ValueError(f"{type(self).__name__}: reduction must be one of {self.reductions}, got '{reduction}'")
         self.reduction = reduction
-        self.__dict__["_label_check"] = None  # on a GPU: (bad-label flag on the device, what the labels must be)
+        self.__dict__.update(_label_flag=None, _label_rule="")  # on a GPU: a bool on the device, and the rule
 
     def __call__(self, input: Tensor, target: Tensor) -> Tensor:  # type: ignore[override]
         return super().__call__(input, target)
@@ -52,11 +53,13 @@ class Loss(Module):
                              f"got shape {tuple(dloss.shape)}")
 
     def label_error(self) -> str | None:
-        """Why the labels of the last GPU batch were invalid, or ``None`` (reads the device flag: a sync)."""
-        check = self.__dict__["_label_check"]
-        if check is None or not bool(check[0]):
+        """Why labels of a GPU batch since the last call were invalid, or ``None``; clears the flag (reading it is a
+        host sync)."""
+        flag = self.__dict__["_label_flag"]
+        if flag is None or not bool(flag):
             return None
-        return f"{self.name}: {check[1]}, found some outside that range on the device"
+        flag.zero_()
+        return f"{self.name}: {self.__dict__['_label_rule']}, found some outside that range on the device"
 
     # ------------------------------------------------------------------ input checks
     def _check_logits(self, input: Tensor, ndim: tuple[int, ...]) -> None:
@@ -81,7 +84,12 @@ class Loss(Module):
             if not indices:
                 self._raise_if_outside(target, lo, hi, what)
             return target
-        self.__dict__["_label_check"] = (((target < lo) | (target > hi)).any(), what)
+        flag = self.__dict__["_label_flag"]
+        if flag is None or flag.device != target.device:
+            flag = torch.zeros((), dtype=torch.bool, device=target.device)
+            self.__dict__["_label_flag"] = flag
+        flag.logical_or_(((target < lo) | (target > hi)).any())
+        self.__dict__["_label_rule"] = what
         return target.clamp(lo, hi)
 
     def _raise_if_outside(self, target: Tensor, lo: float, hi: float, what: str) -> None:
@@ -102,10 +110,10 @@ class Loss(Module):
 
     def _poisoned(self, loss: Tensor) -> Tensor:
         """``loss``, or NaN when the device check flagged this batch's labels."""
-        check = self.__dict__["_label_check"]
-        if check is None or not loss.is_cuda:
+        flag = self.__dict__["_label_flag"]
+        if flag is None or not loss.is_cuda:
             return loss
-        return torch.where(check[0], torch.full_like(loss, float("nan")), loss)
+        return torch.where(flag, torch.full_like(loss, float("nan")), loss)
 
     def _class_indices(self, input: Tensor, target: Any) -> Tensor:
         """Validate integer class labels ``(N,)`` for logits ``(N, C)`` and return them as int64."""
@@ -246,3 +254,7 @@ class BCEWithLogitsLoss(Loss):
         self._check_target_device(input, target)
         target = self._in_range(target, 0, 1, "targets must lie in [0, 1]")
         return target.reshape(input.shape).to(input.dtype)
+
+
+LOSSES: dict[str, type[Loss]] = {"ce": CrossEntropyLoss, "mse": MSELoss, "bce": BCEWithLogitsLoss}
+"""The losses by the names ``nnbackprop train --loss`` takes (each with mean reduction there)."""

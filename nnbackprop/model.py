@@ -1,19 +1,12 @@
-"""Models: the container :class:`Sequential`, the :func:`mlp` builder, a user's model from a file
-(:func:`model_from_file`), and the bridge to ``torch.nn``."""
+"""Models: the container :class:`Sequential`, the :func:`mlp` builder, and the bridge to ``torch.nn``."""
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import inspect
-import sys
-from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from nnbackprop.errors import gist
 from nnbackprop.layers import GELU, BatchNorm1d, Dropout, Flatten, LeakyReLU, Linear, ReLU, Sigmoid, Tanh
 from nnbackprop.module import Module
 
@@ -62,12 +55,12 @@ class Sequential(Module):
         layers = list(self._modules.values())
         stop = 0
         if not self.needs_input_grad:
-            stop = next((i for i, layer in enumerate(layers) if layer._parameters or next(layer.parameters(), None)
-                         is not None), len(layers))
+            stop = next((i for i, layer in enumerate(layers) if next(layer.parameters(), None) is not None),
+                        len(layers))
             for layer in layers[:stop]:
-                layer._release_saved()
+                layer.release_saved()
         for i in range(len(layers) - 1, stop - 1, -1):
-            layers[i].__dict__["needs_input_grad"] = self.needs_input_grad or i > stop
+            layers[i].needs_input_grad = self.needs_input_grad or i > stop
             dout = layers[i].backward(dout)
         return dout if self.needs_input_grad else None
 
@@ -144,40 +137,3 @@ def mlp(
         width = h
     layers.append(Linear(width, out_features, init=init, device=device, dtype=dtype, generator=generator))
     return Sequential(*layers)
-
-
-def model_from_file(spec: str, **available: Any) -> Module:
-    """The model returned by the function ``spec`` names, ``"PATH.py:FUNCTION"``.
-
-    The file is imported as a module; the function is called with those of ``available`` (e.g. ``in_features``,
-    ``input_shape``, ``num_classes``, ``generator``) that it declares as parameters.
-
-    Raises:
-        ValueError: in one line, naming the file or function: it is missing, does not import, raises, or returns
-            something other than an nnbackprop module.
-    """
-    path_text, _, function_name = spec.rpartition(":")
-    path = Path(path_text).expanduser()
-    if not path.is_file():
-        raise ValueError(f"--model {spec}: no file {path}")
-    module_name = f"nnbackprop_user_model_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
-    try:
-        import_spec = importlib.util.spec_from_file_location(module_name, path)
-        module = importlib.util.module_from_spec(import_spec)
-        sys.modules[module_name] = module
-        import_spec.loader.exec_module(module)
-    except Exception as error:  # whatever the user's file raises while importing
-        sys.modules.pop(module_name, None)
-        raise ValueError(f"--model {spec}: importing {path} failed: {gist(error)}") from error
-    function = getattr(module, function_name, None)
-    if not callable(function):
-        raise ValueError(f"--model {spec}: {path} has no function {function_name}")
-    accepted = inspect.signature(function).parameters
-    try:
-        model = function(**{k: v for k, v in available.items() if k in accepted})
-    except Exception as error:  # whatever the user's function raises
-        raise ValueError(f"--model {spec}: {function_name}() raised {gist(error)}") from error
-    if not isinstance(model, Module):
-        raise ValueError(f"--model {spec}: {function_name}() returned a {type(model).__name__}, not an nnbackprop "
-                         "Module (e.g. nnbackprop.Sequential(...))")
-    return model

@@ -22,6 +22,23 @@ The base class checks every call for you: ``backward`` without a ``forward`` (or
 dtype or device is not the output's each raise an error naming the layer. As in torch, a ``forward`` under
 ``torch.no_grad()`` keeps nothing for backward (use it for evaluation and logging passes) and leaves what an earlier
 ``forward`` saved untouched.
+
+**The fast layout, as a layer sees it.** The fast training step (:mod:`nnbackprop.layout`) gives every module a
+*workspace* and every parameter a *gradient home*, through methods they own: :meth:`Module.bind_workspace` and
+:meth:`Parameter.bind_grad_home`. A layer that wants to run without allocating asks for them with two calls, and
+works unchanged (allocating) when there is no fast layout::
+
+    def forward(self, x):                                    # x: (N, D_in)
+        out = self.scratch("out", (x.shape[0], self.d_out), x)        # a buffer, or None: the op allocates
+        ...                                                  # torch.mm(x, self.weight.t(), out=out)
+
+    def backward(self, dout):
+        dW = torch.mm(dout.t(), x, out=self.weight.grad_out())       # the gradient's home, or None
+        self.weight.accumulate(dW)                           # always: it accumulates, or adopts dW if it is the home
+        return torch.mm(dout, self.weight, out=self.scratch("dx", x.shape, x))
+
+``scratch(name, shape, like)`` returns the same memory at every step (its content is undefined: write all of it);
+``grad_out()`` returns where the gradient lives while ``grad`` is clear. The built-in layers are written this way.
 """
 
 from __future__ import annotations
@@ -43,12 +60,13 @@ class Parameter(torch.nn.Parameter):
     backward passes, through :meth:`accumulate`, into ``.grad`` (same shape, dtype and device), which stays ``None``
     until the first backward and is cleared by :meth:`Module.zero_grad`.
 
-    The fast training step rebinds the parameter's storage to a view of one flat tensor of all parameters and offers a
-    view of one flat gradient tensor as its gradient's home (:mod:`nnbackprop.layout`); nothing changes for the code
-    that uses it.
+    The fast training step rebinds the parameter's storage to a view of one flat tensor of all parameters and gives it
+    a view of one flat gradient tensor as its *gradient home* (:meth:`bind_grad_home`, :mod:`nnbackprop.layout`);
+    nothing changes for the code that uses it.
     """
 
-    _grad_view: Tensor | None = None  # where the gradient lives in the fast layout (set by nnbackprop.layout)
+    _grad_home: Tensor | None = None  # where accumulate() puts a new gradient (a view of the fast layout's)
+    _accumulated: Tensor | None = None  # the tensor accumulate() last left in grad
 
     def __new__(cls, data: Tensor | None = None, requires_grad: bool = False) -> "Parameter":
         if data is None:
@@ -57,10 +75,29 @@ class Parameter(torch.nn.Parameter):
             raise TypeError(f"Parameter expects a torch.Tensor, got {type(data).__name__}")
         return torch.Tensor._make_subclass(cls, data.detach(), False)
 
+    def bind_grad_home(self, home: Tensor | None) -> None:
+        """Make ``home`` (this parameter's shape, dtype and device) where :meth:`accumulate` puts the gradient while
+        ``grad`` is clear, and what :meth:`grad_out` offers; ``None``: a fresh tensor each time."""
+        if home is not None and (home.shape != self.shape or home.dtype != self.dtype or home.device != self.device):
+            raise ValueError(f"a gradient home must be shaped like its parameter {tuple(self.shape)} ({self.dtype}, "
+                             f"{self.device}), got {tuple(home.shape)} ({home.dtype}, {home.device})")
+        self._grad_home = home
+
+    @property
+    def grad_home(self) -> Tensor | None:
+        """Where the gradient lives in the fast layout (see :meth:`bind_grad_home`), else ``None``."""
+        return self._grad_home
+
+    @property
+    def grad_accumulated(self) -> bool:
+        """Whether ``grad`` is what :meth:`accumulate` left there (``False`` when it is ``None``, or was assigned)."""
+        return self.grad is not None and self.grad is self._accumulated
+
     def accumulate(self, dgrad: Tensor) -> None:
-        """Add ``dgrad`` (this parameter's shape, dtype and device) into ``grad``; a cleared ``grad`` becomes a copy."""
-        if dgrad is self._grad_view:  # written in place through grad_out()
-            self.grad = dgrad
+        """Add ``dgrad`` (this parameter's shape, dtype and device) into ``grad``; a cleared ``grad`` becomes a copy
+        (in the gradient home, when there is one)."""
+        if dgrad is self._grad_home:  # written in place through grad_out()
+            self.grad = self._accumulated = dgrad
             return
         if dgrad.shape != self.shape or dgrad.dtype != self.dtype or dgrad.device != self.device:
             raise ValueError(
@@ -70,15 +107,16 @@ class Parameter(torch.nn.Parameter):
             )
         if self.grad is not None:
             self.grad.add_(dgrad)
-        elif self._grad_view is None:
-            self.grad = dgrad.detach().clone(memory_format=torch.contiguous_format)
+            self._accumulated = self.grad
+        elif self._grad_home is None:
+            self.grad = self._accumulated = dgrad.detach().clone(memory_format=torch.contiguous_format)
         else:
-            self.grad = self._grad_view.copy_(dgrad)
+            self.grad = self._accumulated = self._grad_home.copy_(dgrad)
 
     def grad_out(self) -> Tensor | None:
         """Where a backward may write this parameter's gradient directly (``out=``) before :meth:`accumulate`: the
-        fast layout's gradient view while ``grad`` is clear, else ``None`` (compute the gradient, then accumulate)."""
-        return self._grad_view if self.grad is None else None
+        gradient home while ``grad`` is clear, else ``None`` (compute the gradient, then accumulate)."""
+        return self._grad_home if self.grad is None else None
 
 
 class _StandIn(torch.Tensor):
@@ -141,8 +179,7 @@ class Module:
         state = self.__dict__
         state.update(_parameters=OrderedDict(), _buffers=OrderedDict(), _modules=OrderedDict(), training=True,
                      needs_input_grad=True, _saved=None, _pending=0, _depth=0, _output=None, _workspace=None,
-                     _scratch={},
-                     _forward_hooks=OrderedDict(), _backward_hooks=OrderedDict(), _custom_name=None)
+                     _scratch={}, _forward_hooks=OrderedDict(), _backward_hooks=OrderedDict(), _custom_name=None)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -185,7 +222,7 @@ class Module:
             out = self.forward(*inputs)
         except BaseException:
             if saving:  # forget what a failed pass saved, here and in the children it reached
-                self._release_saved()
+                self.release_saved()
             raise
         if saving:
             state["_pending"] += 1
@@ -214,7 +251,7 @@ class Module:
 
     def _refuse_backward(self) -> None:
         pending = self.__dict__["_pending"]
-        self._release_saved()
+        self.release_saved()
         if pending == 0:
             raise RuntimeError(
                 f"{self.name}.backward() called without a forward() to go with it: backward needs the values that "
@@ -228,9 +265,9 @@ class Module:
             "torch.no_grad(), which saves nothing. The saved tensors were released; run forward again."
         )
 
-    def _release_saved(self) -> None:
+    def release_saved(self) -> None:
         """Forget what forward saved here and in the children, without a backward (e.g. a container that does not
-        need this module's ``dx``)."""
+        need this module's ``dx``, or a step that failed half-way)."""
         for m in self.modules():
             m.__dict__["_saved"], m.__dict__["_pending"] = None, 0
 
@@ -248,16 +285,32 @@ class Module:
                 "output."
             )
 
+    # ------------------------------------------------------------------ the fast layout
+    def bind_workspace(self, workspace: Any) -> None:
+        """Draw :meth:`scratch` buffers from ``workspace`` (a :class:`~nnbackprop.layout.Workspace`, which the fast
+        layout binds to every module of a model and its loss); ``None``: allocate again. Only this module, not its
+        children."""
+        self.__dict__.update(_workspace=workspace, _scratch={})
+
+    @property
+    def workspace(self) -> Any:
+        """The :class:`~nnbackprop.layout.Workspace` this module writes into, or ``None``."""
+        return self.__dict__["_workspace"]
+
     def scratch(self, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor | None:
-        """A tensor of ``shape`` (``like``'s dtype and device) from the fast layout's workspace, for an op to write its
-        result into (``out=``, ``dx=``); ``None`` when no workspace is bound or under ``torch.no_grad()`` (the op
-        then allocates). Its content is undefined, and the same memory comes back at every step."""
+        """A tensor of ``shape`` (``like``'s dtype and device) from the bound workspace, for an op to write its result
+        into (``out=``, ``dx=``); ``None`` when no workspace is bound or under ``torch.no_grad()`` (the op then
+        allocates). Its content is undefined, and the same memory comes back at every step."""
         state = self.__dict__
         workspace = state["_workspace"]
         if workspace is None or not torch.is_grad_enabled():
             return None
-        view = state["_scratch"].get((name, shape))
-        return view if view is not None else workspace.get(self, name, shape, like)
+        cached = state["_scratch"].get((name, shape))
+        if cached is not None and cached[0] == workspace.generation:
+            return cached[1]
+        view = workspace.buffer(self, name, shape, like)
+        state["_scratch"][(name, shape)] = (workspace.generation, view)
+        return view
 
     def check_input(self, x: Any, *, ndim: int | None = None, features: int | None = None) -> None:
         """Raise a ``ValueError`` naming this module, what it expected and what it got, unless ``x`` is a
@@ -316,6 +369,11 @@ class Module:
         handle = RemovableHandle(self._backward_hooks)
         self._backward_hooks[handle.id] = hook
         return handle
+
+    @property
+    def hooked(self) -> bool:
+        """Whether forward or backward hooks are registered on this module (not its children)."""
+        return bool(self.__dict__["_forward_hooks"] or self.__dict__["_backward_hooks"])
 
     # ------------------------------------------------------------------ checking
     def reference_forward(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
@@ -409,7 +467,8 @@ class Module:
                     continue
                 moved = True
                 grad = None if p.grad is None else p.grad.to(device=device, dtype=dtype)
-                p.grad, p._grad_view = None, None
+                p.grad = None
+                p.bind_grad_home(None)
                 if torch._has_compatible_shallow_copy_type(p, data):
                     p.data = data
                 else:  # e.g. to the meta device: a new Parameter, as torch.nn.Module.to makes then
@@ -423,7 +482,8 @@ class Module:
                     m.register_buffer(name, moved_buffer)
         if moved:  # what forward saved, and the fast layout's buffers, are on the old device or dtype
             for m in self.modules():
-                m.__dict__.update(_saved=None, _pending=0, _workspace=None, _scratch={})
+                m.__dict__.update(_saved=None, _pending=0)
+                m.bind_workspace(None)
         return self
 
     def state_dict(self) -> "OrderedDict[str, Tensor]":

@@ -15,7 +15,7 @@ being device tensors — capturable in a CUDA graph, where a schedule's new lear
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
 import torch.optim.optimizer as torch_optimizer
@@ -47,13 +47,17 @@ class Optimizer(torch.optim.Optimizer):
     when they change), ``_update(group, param, grad, state, scalars)`` (the rule, in place) and ``_structure(group)``
     (which branches the rule takes: a CUDA graph holds one).
 
-    Attributes:
-        flat: the :class:`~nnbackprop.layout.FlatParameters` the fast step bound to this optimizer, else ``None``.
+    The fast layout attaches a group to its flat tensors with :meth:`attach_flat`: from then on the rule runs once over
+    the group's flat parameters (its float32 master copy under mixed precision) and flat gradient, the group's state
+    lives in flat tensors of which each parameter's ``state[p]`` holds views (so ``state_dict`` is torch's, per
+    parameter), and :meth:`load_state_dict` copies into those flat tensors in place (so a captured CUDA graph sees it).
     """
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
-        self.flat: FlatParameters | None = None
+        self._flat: FlatParameters | None = None
+        self._flat_group: int | None = None
+        self._flat_state: dict[str, Tensor] = {}  # (P,) tensors, or 0-dim ones shared by the group (Adam's step)
         self._scalar_tensors: dict[tuple, tuple[tuple[float, ...], tuple[Tensor, ...]]] = {}
 
     def _scalars(self, group: dict[str, Any]) -> tuple[float, ...]:
@@ -66,6 +70,70 @@ class Optimizer(torch.optim.Optimizer):
     def _structure(self, group: dict[str, Any]) -> tuple:
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ the fast layout
+    def attach_flat(self, flat: FlatParameters, group_index: int) -> None:
+        """Update group ``group_index`` (whose parameters are ``flat.params``, in order) on ``flat``'s tensors from now
+        on; the state the group already has moves into flat tensors."""
+        if [id(p) for p in self.param_groups[group_index]["params"]] != [id(p) for p in flat.params]:
+            raise ValueError(f"attach_flat: group {group_index} does not hold the flat parameters, in their order")
+        self._flat, self._flat_group, self._flat_state = flat, group_index, {}
+        self._gather_state(self.state)
+
+    def detach_flat(self) -> None:
+        """Update the group parameter by parameter again, each with a state of its own (copies of its views)."""
+        if self._flat is None:
+            return
+        for p in self._flat.params:
+            if p in self.state:
+                self.state[p] = {k: v.clone() if isinstance(v, Tensor) else v for k, v in self.state[p].items()}
+        self._flat, self._flat_group, self._flat_state = None, None, {}
+
+    @torch.no_grad()
+    def _gather_state(self, state: Mapping[Any, Mapping[str, Any]]) -> None:
+        """The flat group's state from ``state`` (per parameter, e.g. just loaded) into the flat tensors — in place
+        where they exist — and each parameter's ``self.state[p]`` made views of them."""
+        flat = self._flat
+        per_param = [state.get(p, {}) for p in flat.params]
+        names = set(per_param[0])
+        if any(set(s) != names for s in per_param):
+            raise ValueError("the optimizer state has entries for some parameters of the fast layout and not others; "
+                             "it updates all of them together. Load a state dict of the same model and optimizer")
+        like = flat.values
+        gathered: dict[str, Tensor] = {}
+        for name in sorted(names):
+            values = [s[name] for s in per_param]
+            if not all(isinstance(v, Tensor) for v in values):
+                raise ValueError(f"the optimizer's '{name}' is not a tensor for every parameter; load a state dict "
+                                 "of the same model and optimizer")
+            if all(v.dim() == 0 for v in values):
+                if any(not torch.equal(v.cpu(), values[0].cpu()) for v in values):
+                    raise ValueError(f"the optimizer's '{name}' differs between parameters; the fast layout steps "
+                                     "them together")
+                gathered[name] = values[0].to(device=like.device, dtype=torch.promote_types(values[0].dtype,
+                                                                                            torch.float32))
+            else:
+                gathered[name] = flat.gather(values, like)
+        for name, value in gathered.items():
+            current = self._flat_state.get(name)
+            if current is not None and current.shape == value.shape and current.dtype == value.dtype:
+                current.copy_(value)
+            else:
+                self._flat_state[name] = value
+        for name in set(self._flat_state) - names:
+            del self._flat_state[name]
+        self._publish_state()
+
+    def _publish_state(self) -> None:
+        """Each flat-group parameter's ``self.state[p]``: views of the flat state."""
+        params = self._flat.params
+        for p in params:
+            self.state.pop(p, None)
+        for name, flat in self._flat_state.items():
+            views = [flat] * len(params) if flat.dim() == 0 else self._flat.views(flat)
+            for p, view in zip(params, views):
+                self.state[p][name] = view
+
+    # ------------------------------------------------------------------ stepping
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Update every parameter that has a gradient by one step of the rule, in place; returns ``closure()``."""
@@ -77,15 +145,19 @@ class Optimizer(torch.optim.Optimizer):
         """The update of :meth:`step` alone: without torch's profiler annotation, step hooks and grad-mode switch
         around it (the fast step calls it when no hooks are registered)."""
         self._opt_called = True  # what torch.optim.lr_scheduler checks to know the optimizer stepped
-        flat = self.flat
         for index, group in enumerate(self.param_groups):
-            if flat is not None and flat.holds(index, group["params"]):
-                scalars = self._scalar_tensors_for(group, flat.data)
-                self._update(group, flat.data, flat.grad, flat.adopt_state(self.state), scalars)
-                flat.share_state(self.state)
+            if index == self._flat_group:
+                self._flat.collect_grads()
+                param, grad = self._flat.values, self._flat.update_grad()
+                created = not self._flat_state
+                self._update(group, param, grad, self._flat_state, self._scalar_tensors_for(index, param))
+                self._flat.after_update()
+                if created and self._flat_state:
+                    self._publish_state()
                 continue
-            with_grad = [p for p in group["params"] if p.grad is not None]
-            for p in with_grad:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
                 if p.grad.shape != p.shape or p.grad.dtype != p.dtype or p.grad.device != p.device:
                     raise RuntimeError(f"{type(self).__name__}.step: a parameter of shape {tuple(p.shape)} ({p.dtype}, "
                                        f"{p.device}) has a gradient of shape {tuple(p.grad.shape)} ({p.grad.dtype}, "
@@ -93,7 +165,7 @@ class Optimizer(torch.optim.Optimizer):
                 state = self.state.get(p)
                 fresh = state is None
                 state = {} if fresh else state
-                self._update(group, p, p.grad, state, self._scalar_tensors_for(group, p))
+                self._update(group, p, p.grad, state, self._scalar_tensors_for(index, p))
                 if fresh and state:  # as torch: a parameter has state once its rule keeps some
                     self.state[p] = state
 
@@ -102,15 +174,17 @@ class Optimizer(torch.optim.Optimizer):
         return bool(self._optimizer_step_pre_hooks or self._optimizer_step_post_hooks or _GLOBAL_PRE_HOOKS
                     or _GLOBAL_POST_HOOKS)
 
-    def _scalar_tensors_for(self, group: dict[str, Any], like: Tensor) -> tuple[Tensor, ...]:
-        """The rule's scalars as 0-dim tensors on ``like``'s device and dtype, refreshed in place (``fill_``, no
-        sync) when the group's hyperparameters change — except while a CUDA graph is being captured, which must read
-        whatever they hold at replay."""
-        key = (id(group), like.dtype, like.is_cuda and like.get_device())
-        values = self._scalars(group)
+    def _scalar_tensors_for(self, index: int, like: Tensor) -> tuple[Tensor, ...]:
+        """Group ``index``'s scalars as 0-dim tensors on ``like``'s device, in at least float32 (a 16-bit β2 = 0.999
+        would round to 1), refreshed in place (``fill_``, no sync) when the hyperparameters change — except while a
+        CUDA graph is being captured, which must read whatever they hold at replay. Keyed by the group's index, so a
+        ``load_state_dict`` that replaces the group dicts keeps the tensors a captured graph reads."""
+        dtype = torch.promote_types(like.dtype, torch.float32)
+        key = (index, dtype, like.device)
+        values = self._scalars(self.param_groups[index])
         entry = self._scalar_tensors.get(key)
         if entry is None:
-            tensors = tuple(torch.tensor(values, dtype=like.dtype, device=like.device).unbind())
+            tensors = tuple(torch.tensor(values, dtype=dtype, device=like.device).unbind())
             self._scalar_tensors[key] = (values, tensors)
             return tensors
         old, tensors = entry
@@ -121,26 +195,37 @@ class Optimizer(torch.optim.Optimizer):
             self._scalar_tensors[key] = (values, tensors)
         return tensors
 
-    def state_dict(self) -> dict[str, Any]:
-        """torch's format; a 0-dim state tensor the fast layout shares between parameters (Adam's ``step``) is
-        given to each parameter as a copy of its own, as torch's optimizers keep it."""
-        state_dict = super().state_dict()
-        for entry in state_dict["state"].values():
-            for name, value in entry.items():
-                if isinstance(value, Tensor) and value.dim() == 0:
-                    entry[name] = value.clone()
-        return state_dict
-
     def refresh_scalars(self) -> None:
-        """Bring the device copies of the hyperparameters up to date without a step (before a CUDA graph replay)."""
-        if self.flat is not None:
-            for index, group in enumerate(self.param_groups):
-                if self.flat.holds_group(index):
-                    self._scalar_tensors_for(group, self.flat.data)
+        """Bring the device copies of the flat group's hyperparameters up to date without a step (before a CUDA graph
+        replay)."""
+        if self._flat is not None:
+            self._scalar_tensors_for(self._flat_group, self._flat.values)
 
     def structure(self) -> tuple:
         """Which branches the rule takes for each group, and whether the state exists yet: one CUDA graph each."""
         return tuple(self._structure(group) for group in self.param_groups) + (len(self.state),)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """torch's format, each parameter's state its own: a 0-dim state tensor the fast layout shares between
+        parameters (Adam's ``step``) is given to each as a copy, as torch's optimizers keep it. The live state is
+        left as it is."""
+        state_dict = super().state_dict()
+        state_dict["state"] = {index: {name: value.clone() if isinstance(value, Tensor) and value.dim() == 0 else value
+                                       for name, value in entry.items()}
+                               for index, entry in state_dict["state"].items()}
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """torch's ``load_state_dict``; the fast layout's group then takes the loaded values into its flat tensors in
+        place, at full precision (torch would round them to a 16-bit parameter dtype)."""
+        originals = {index: dict(entry) for index, entry in state_dict.get("state", {}).items()}
+        super().load_state_dict(state_dict)
+        if self._flat is not None:
+            ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+            params = [p for group in self.param_groups for p in group["params"]]
+            by_param = {p: originals[i] for i, p in zip(ids, params) if i in originals}
+            self._gather_state({p: by_param.get(p, {}) for p in self._flat.params})
 
 
 # --------------------------------------------------------------------------------------------------------------- SGD
@@ -235,7 +320,7 @@ def _adam(param: Tensor, grad: Tensor, state: dict[str, Any], scalars: tuple[Ten
     ``(γ, β1, β2, ε, λ)``."""
     lr, beta1, beta2, eps, decay = scalars
     if not state:
-        state["step"] = torch.zeros((), dtype=param.dtype, device=param.device)
+        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)  # torch's: float32 whatever the param
         state["exp_avg"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
         state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.contiguous_format)
         if amsgrad:
@@ -332,3 +417,7 @@ class AdamW(Adam):
 
 OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
 """The optimizers by the names ``nnbackprop train --optimizer`` takes."""
+
+DEFAULT_LR: dict[str, float] = {"sgd": 0.05, "adam": 1e-3, "adamw": 1e-3}
+"""The learning rate ``nnbackprop train`` uses for each optimizer when ``lr`` is left open (the classes' own defaults
+are torch's)."""

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from nnbackprop.diagnostics import LAYERS_FILE, read_layer_records
+from nnbackprop.errors import MissingExtraError
 from nnbackprop.files import atomic_write
 from nnbackprop.metrics import EpochMetrics
 
@@ -42,7 +43,7 @@ def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401
     except ImportError as error:
-        raise ModuleNotFoundError(f"plotting needs matplotlib, which is not installed: {INSTALL_HINT}") from error
+        raise MissingExtraError(f"plotting needs matplotlib, which is not installed: {INSTALL_HINT}") from error
 
 
 def new_figure(width: float, height: float, nrows: int = 1, ncols: int = 1, **subplots: Any) -> tuple[Figure, Any]:

@@ -1,105 +1,142 @@
 r"""One training step — forward, loss, hand-written backward, gradient hook, optimizer update — in two layouts.
 
-:class:`SimpleStep` is the step written out on a plain model. :class:`FastStep` runs the *same* calls — the same layers,
-the same :mod:`nnbackprop.functional` math, the same optimizer rule — inside the fast layout (:mod:`nnbackprop.layout`):
-outputs and gradients in buffers allocated once, parameters, gradients and optimizer state as views of flat tensors
-(so the update and a data-parallel ``all_reduce`` each touch one tensor), and nothing read back to the host. On CUDA it
-can also capture the whole step in a CUDA graph and replay it. It holds no math of its own.
+Both steps run :func:`forward_backward`, the step's core: the model's forward, the loss, and the loss's gradient
+handed back through the model's hand-written ``backward``. What differs is where the tensors live:
+
+* :class:`SimpleStep` is the step written out on a plain model: ``optimizer.zero_grad()``, :func:`forward_backward`,
+  the hook, ``optimizer.step()``.
+* :class:`FastStep` runs the *same* calls inside the fast layout (:mod:`nnbackprop.layout`): outputs and gradients in
+  buffers allocated once, parameters, gradients and optimizer state as views of flat tensors (so the update and a
+  data-parallel ``all_reduce`` each touch one tensor), nothing read back to the host, and optionally a 16-bit compute
+  dtype with float32 master weights. On CUDA it can run float32 matrix products in TF32 and replay the whole step as a
+  CUDA graph (:mod:`nnbackprop.graphs`). It holds no math of its own.
 
 :func:`make_step` picks the step :func:`nnbackprop.train` uses: ``FastStep`` unless :meth:`FastStep.why_not` names a
-reason, in which case ``SimpleStep`` (and the reason).
+reason, in which case ``SimpleStep`` (its ``fallback_reason`` says why).
 
-CUDA options of :class:`FastStep` (each raises ``ValueError`` on another device):
-
-* ``tf32``: float32 matrix products in TF32 during the step (the global setting is restored afterwards).
-* ``cuda_graph``: the step is captured in a CUDA graph on static input buffers and replayed. A graph holds one batch
-  shape, one train/eval mode per layer and one branch structure of the optimizer's rule (e.g. with or without weight
-  decay; before and after its state exists): the first ``graph_warmup`` steps of each such key run eagerly on a side
-  stream, the next is captured, and every later step of that key is a copy of ``x``/``y`` into the static buffers and
-  one replay. ``lr`` and the other hyperparameters live in device tensors, so a schedule needs no recapture. A batch
-  larger than any before reallocates the workspace and drops every graph. ``grad_hook`` is captured too, so it must not
-  synchronise (NCCL ``all_reduce`` is fine). A dropout layer needs a CUDA generator (or ``None``). If capturing fails
-  (an op of a user's layer that a graph cannot hold), the step goes on eagerly and :attr:`FastStep.graph_failure` says
-  why.
+Both steps check on their first call that the model's backward gave every parameter a gradient through
+:meth:`~nnbackprop.module.Parameter.accumulate` (:class:`~nnbackprop.errors.BackwardError` naming the parameter
+otherwise), and refuse to run under ``torch.autocast``, which cannot reach hand-written layers.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
-from typing import Any, Callable, Iterator, Protocol
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
 
-from nnbackprop.errors import gist
+from nnbackprop.errors import BackwardError, ConfigError
+from nnbackprop.evaluation import num_correct
+from nnbackprop.graphs import GraphedStep
 from nnbackprop.layers import Dropout
-from nnbackprop.layout import FastLayout
+from nnbackprop.layout import LOW_PRECISION, FastLayout
 from nnbackprop.losses import Loss
 from nnbackprop.module import Module
+from nnbackprop.optim import Optimizer
 
 GradHook = Callable[[Tensor], None]
 """Called after backward with all parameter gradients as one flat tensor ``(P,)`` (``model.parameters()`` order), which
 it may change in place before the update (data-parallel training averages it over the ranks)."""
 
 
-class TrainStep(Protocol):
-    """One optimisation step on ``(x (N, ...), y (N,))``. Returns ``(loss_sum, n_correct)`` as 0-dim tensors on the
-    device, without a host sync: the mean loss times ``N``, and the number of correct predictions."""
+def forward_backward(model: Module, loss_fn: Loss, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """The core of every step: ``output = model(x)``, ``loss = loss_fn(output, y)``, then
+    ``model.backward(loss_fn.backward())``, which accumulates every parameter's gradient.
 
-    def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]: ...
-
-
-def num_correct(output: Tensor, target: Tensor) -> Tensor:
-    """How many predictions are right, as a 0-dim int64 tensor on the device.
-
-    ``output (N, C)``: the class with the largest output (argmax); ``output (N,)`` or ``(N, 1)``, one logit of a
-    binary task: class 1 when the logit is positive. ``target``: class labels ``(N,)``, or float targets shaped like
-    the output (one-hot or soft), whose argmax (or, for one output, whether it is above ½) is the class.
+    Returns ``(loss_sum, n_correct)`` as 0-dim tensors on the device, without a host sync: the mean loss times ``N``
+    and the number of correct predictions. A pass that fails (bad labels, say) leaves nothing saved behind.
     """
-    binary = output.dim() < 2 or output.shape[1] == 1
-    if target.is_floating_point() and target.shape == output.shape:
-        target = (target.reshape(-1) > 0.5).long() if binary else target.argmax(1)
-    predicted = (output.reshape(-1) > 0).long() if binary else output.argmax(1)
-    return (predicted == target).sum()
+    try:
+        output = model(x)
+        loss = loss_fn(output, y)
+        correct = num_correct(output, y)  # before backward, which may reuse the output's buffer
+        model.backward(loss_fn.backward())
+    except BaseException:
+        model.release_saved()
+        loss_fn.release_saved()
+        raise
+    return loss * x.shape[0], correct
+
+
+def check_gradients_written(model: Module) -> None:
+    """Raise :class:`~nnbackprop.errors.BackwardError` naming the first parameter the model's backward left without
+    a gradient, or whose ``grad`` it assigned instead of calling ``accumulate`` (no host sync)."""
+    for owner, layer in model.named_modules():
+        for attribute, p in layer.named_parameters():
+            if "." in attribute:
+                continue  # a child's: checked as that child's own
+            name = f"{owner}.{attribute}" if owner else attribute
+            call = f"self.{attribute}.accumulate(d{attribute})"
+            if p.grad is None:
+                raise BackwardError(f"{layer.name}.backward left parameter {name!r} without a gradient: call {call} in "
+                                    "backward (a tensor that should not be trained is a buffer: register_buffer)")
+            if not p.grad_accumulated:
+                raise BackwardError(f"{layer.name}.backward assigned {name}.grad instead of accumulating it: call "
+                                    f"{call}, which adds to what is there (gradients accumulate until zero_grad)")
+
+
+def _refuse_autocast(x: Tensor) -> None:
+    try:
+        active = torch.is_autocast_enabled(x.device.type)
+    except TypeError:  # torch < 2.4 takes no device type
+        active = torch.is_autocast_enabled() if x.is_cuda else torch.is_autocast_cpu_enabled()
+    if active:
+        raise ConfigError("torch.autocast cannot reach nnbackprop's hand-written layers (they compute in their "
+                          "parameters' dtype); for mixed precision give the step a compute dtype instead: "
+                          "make_step(..., dtype=torch.bfloat16), or nnbackprop train --dtype bfloat16")
 
 
 class SimpleStep:
-    """The training step written out: ``zero_grad``, forward, loss, hand-written backward, ``grad_hook``, update.
+    """The training step written out: ``zero_grad``, :func:`forward_backward`, ``grad_hook``, update.
 
     Args:
         model: the network; its ``backward`` fills ``param.grad``.
         loss_fn: a :class:`~nnbackprop.losses.Loss`.
         optimizer: a ``torch.optim.Optimizer`` over ``model.parameters()`` (ours: :mod:`nnbackprop.optim`).
         grad_hook: see :data:`GradHook`; here the gradients are concatenated for it and copied back.
+        fallback_reason: why this step runs instead of a :class:`FastStep` (what :func:`make_step` found).
+
+    Calling it returns ``(loss_sum, n_correct)``: see :func:`forward_backward`.
     """
 
     def __init__(self, model: Module, loss_fn: Loss, optimizer: torch.optim.Optimizer,
-                 grad_hook: GradHook | None = None) -> None:
+                 grad_hook: GradHook | None = None, *, fallback_reason: str | None = None) -> None:
+        dtype = next(model.parameters(), torch.empty(0)).dtype
+        if dtype in LOW_PRECISION:
+            raise ConfigError(f"the model's parameters are {dtype}: training in a 16-bit dtype keeps float32 master "
+                              "weights, which only the fast step does; build the model in float32 and use "
+                              f"make_step(..., dtype={dtype}) (or nnbackprop train without --no-fast)")
         self.model, self.loss_fn, self.optimizer, self.grad_hook = model, loss_fn, optimizer, grad_hook
+        self.fallback_reason = fallback_reason
         self.params = list(model.parameters())
+        self._checked = False
         model.needs_input_grad = False  # the model's input is data
 
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        try:
-            return self._step(x, y)
-        except BaseException:  # a step that fails (bad labels, say) leaves nothing behind for the next one
-            self.model._release_saved()
-            self.loss_fn._release_saved()
-            raise
-
-    def _step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        _refuse_autocast(x)
         self.optimizer.zero_grad()
-        output = self.model(x)
-        loss = self.loss_fn(output, y)
-        self.model.backward(self.loss_fn.backward())
+        result = forward_backward(self.model, self.loss_fn, x, y)
+        if not self._checked:
+            check_gradients_written(self.model)
+            self._checked = True
         if self.grad_hook is not None:
-            self.grad_hook_on_flat()
+            self._hook_on_concatenated()
         self.optimizer.step()
-        return loss * x.shape[0], num_correct(output, y)
+        return result
 
-    def grad_hook_on_flat(self) -> None:
-        """Run the hook on the gradients concatenated (a parameter without one contributes zeros) and copy its
-        result back into each ``p.grad``."""
+    def model_state_dict(self) -> dict[str, Tensor]:
+        """The model's ``state_dict`` (what a checkpoint keeps)."""
+        return self.model.state_dict()
+
+    def load_model_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load a ``state_dict`` of the model."""
+        self.model.load_state_dict(state)
+
+    def _hook_on_concatenated(self) -> None:
+        """Run the hook on the gradients concatenated (a parameter without one contributes zeros) and copy its result
+        back into each ``p.grad``."""
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.params])
         self.grad_hook(flat)  # (P,)
         for p, new in zip(self.params, flat.split([p.numel() for p in self.params])):
@@ -108,26 +145,54 @@ class SimpleStep:
 
 
 @contextmanager
-def _tf32_matmuls() -> Iterator[None]:
-    matmul = torch.backends.cuda.matmul
-    previous = matmul.allow_tf32
-    matmul.allow_tf32 = True
+def tf32(enabled: bool) -> Iterator[None]:
+    """Within the block, float32 matrix products and convolutions on CUDA may use TF32 (when ``enabled``); the
+    previous settings are restored afterwards. Uses torch's ``fp32_precision`` API where it exists (torch refuses a
+    mix of it and the legacy ``allow_tf32`` flags), the legacy flags otherwise."""
+    if not enabled:
+        yield
+        return
+    backends = [torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)]
+    if all(hasattr(b, "fp32_precision") for b in backends):
+        previous = [b.fp32_precision for b in backends]
+        try:
+            for b in backends:
+                b.fp32_precision = "tf32"
+            yield
+        finally:
+            for b, value in zip(backends, previous):
+                b.fp32_precision = value
+        return
+    previous = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         yield
     finally:
-        matmul.allow_tf32 = previous
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
 
 
-class FastStep(SimpleStep):
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
+
+
+class FastStep:
     """The training step of :class:`SimpleStep`, run in the fast layout; see the module docstring.
 
     Args:
         model, loss_fn, optimizer, grad_hook: as :class:`SimpleStep`. The model's parameters become views of one flat
             tensor (values unchanged); with one of nnbackprop's optimizers over exactly them (one group), the update
             runs on the flat tensors and the optimizer's state becomes views of flat tensors too.
-        tf32: (CUDA) run float32 matrix products in TF32.
-        cuda_graph: (CUDA) capture the step in a CUDA graph and replay it.
+        dtype: the compute dtype (default: the parameters'). ``torch.bfloat16`` (or ``float16``) trains in mixed
+            precision: the layers compute in it, the optimizer updates float32 master weights with float32 state
+            (needs one of nnbackprop's optimizers); :meth:`model_state_dict` gives the master weights.
+        tf32: (CUDA) run float32 matrix products and convolutions in TF32 (see :func:`tf32`).
+        cuda_graph: (CUDA) capture the step as a CUDA graph and replay it (:class:`~nnbackprop.graphs.GraphedStep`);
+            needs one of nnbackprop's optimizers.
         graph_warmup: eager steps of each new graph key before it is captured (at least 1).
+
+    Attributes:
+        fallback_reason: always ``None`` (see :class:`SimpleStep`).
+        graph_failure: why capturing failed and the step runs eagerly, or ``None``.
 
     Raises:
         ValueError: naming what stops the model from the fast layout (:meth:`why_not`), or an option the device lacks.
@@ -137,141 +202,107 @@ class FastStep(SimpleStep):
         >>> loss_sum, n_correct = step(x, y)  # 0-dim tensors on the device; read them once per log interval
     """
 
+    fallback_reason: str | None = None
+
     def __init__(self, model: Module, loss_fn: Loss, optimizer: torch.optim.Optimizer,
-                 grad_hook: GradHook | None = None, *, tf32: bool = False, cuda_graph: bool = False,
-                 graph_warmup: int = 3) -> None:
+                 grad_hook: GradHook | None = None, *, dtype: torch.dtype | None = None, tf32: bool = False,
+                 cuda_graph: bool = False, graph_warmup: int = 3) -> None:
         reason = self.why_not(model, optimizer)
         if reason is not None:
             raise ValueError(f"FastStep cannot run this model: {reason}")
-        device = next(model.parameters()).device
+        first = next(model.parameters())
+        device = first.device
+        if dtype is not None and dtype != first.dtype and not (dtype in LOW_PRECISION and first.dtype == torch.float32):
+            raise ValueError(f"FastStep: dtype {dtype} for a {first.dtype} model; the compute dtype is the model's "
+                             "own, or bfloat16/float16 for a float32 model (mixed precision); cast the model with .to()")
         if (tf32 or cuda_graph) and device.type != "cuda":
             raise ValueError(f"FastStep: tf32 and cuda_graph need the model on a CUDA device, it is on {device}")
-        if not isinstance(graph_warmup, int) or graph_warmup < 1:
-            raise ValueError(f"FastStep: graph_warmup must be an integer >= 1, got {graph_warmup!r}")
-        if cuda_graph:
-            for layer in model.modules():
-                if isinstance(layer, Dropout) and layer.generator is not None and layer.generator.device.type != "cuda":
-                    raise ValueError(f"FastStep: cuda_graph cannot capture {layer.name} drawing its masks from a "
-                                     f"{layer.generator.device} generator; give it a CUDA generator or None")
-        super().__init__(model, loss_fn, optimizer, grad_hook)
-        self.layout = FastLayout(model, loss_fn, optimizer=optimizer)
-        self._update = getattr(optimizer, "update", None)  # nnbackprop's optimizers: the rule without torch's wrapper
-        self.tf32, self.cuda_graph, self.graph_warmup = tf32, cuda_graph, graph_warmup
-        self.graph_failure: str | None = None
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, Tensor, Tensor, tuple[Tensor, Tensor]]] = {}
-        self._eager_runs: dict[tuple, int] = {}
-        self._generation = self.layout.workspace.generation
+        ours = isinstance(optimizer, Optimizer)
+        if cuda_graph and not ours:
+            raise ValueError("FastStep: cuda_graph needs one of nnbackprop's optimizers (nb.SGD, nb.Adam, nb.AdamW), "
+                             "whose hyperparameters live on the device")
+        self.model, self.loss_fn, self.optimizer, self.grad_hook = model, loss_fn, optimizer, grad_hook
+        model.needs_input_grad = False  # the model's input is data
+        self.layout = FastLayout(model, loss_fn, optimizer=optimizer, compute_dtype=dtype)
+        self.tf32 = tf32
+        self._ours = ours
+        self._checked = False
+        self.graphs = GraphedStep(self._eager, model, optimizer, self.layout.workspace, device,
+                                  warmup=graph_warmup) if cuda_graph else None
 
     @staticmethod
-    def why_not(model: Module, optimizer: Any = None) -> str | None:
+    def why_not(model: Module, optimizer: torch.optim.Optimizer | None = None) -> str | None:
         """Why the fast layout cannot hold ``model`` (and ``optimizer``), or ``None`` when it can."""
         reason = FastLayout.why_not(model)
         if reason is None and optimizer is not None:
             owned = {id(p) for group in optimizer.param_groups for p in group["params"]}
             if not {id(p) for p in model.parameters()} <= owned:
                 reason = "the optimizer does not update every parameter of the model"
+        if reason is None:
+            device = next(model.parameters()).device
+            for layer in model.modules():
+                if isinstance(layer, Dropout) and layer.generator is not None and not _same_device(
+                        layer.generator.device, device):
+                    reason = (f"{layer.name} draws its masks from a {layer.generator.device} generator and the model "
+                              f"is on {device}: each step would wait for a copy; give it a generator on {device} "
+                              "(or None)")
         return reason
+
+    @property
+    def graph_failure(self) -> str | None:
+        return self.graphs.failure if self.graphs is not None else None
 
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         if not self.layout.is_bound():
             raise RuntimeError("FastStep: the model left the fast layout (was it moved or cast with .to()?); build a "
                                "new step after moving the model")
-        if self.tf32 or self.cuda_graph:
-            with _tf32_matmuls() if self.tf32 else nullcontext():
-                return super().__call__(x, y)
-        return super().__call__(x, y)
+        _refuse_autocast(x)
+        with tf32(self.tf32):
+            return self.graphs(x, y) if self.graphs is not None else self._eager(x, y)
 
-    def _step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        if self.cuda_graph and self.graph_failure is None:
-            return self._graphed(x, y)
-        return self._eager_step(x, y)
-
-    def _eager_step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _eager(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         flat = self.layout.flat
-        for p in flat.params:  # zero_grad(): the backward writes each gradient into its flat view
+        for p in flat.params:  # zero_grad(): the backward writes each gradient into its home
             p.grad = None
-        output = self.model(x)
-        loss = self.loss_fn(output, y)
-        correct = num_correct(output, y)  # before backward, which may reuse the output's buffer
-        self.model.backward(self.loss_fn.backward())
-        in_place = True
-        for p, grad in zip(flat.params, flat.grad_views):
-            if p.grad is grad:
-                continue
-            if p.grad is None:  # a parameter this batch did not reach: zero in the flat gradient, skipped by the update
-                grad.zero_()
-                in_place = False
-            else:  # a layer that assigned .grad itself: the flat gradient is what the hook and the update see
-                p.grad = grad.copy_(p.grad)
-        flat.grads_in_place = in_place
+        result = forward_backward(self.model, self.loss_fn, x, y)
+        if not self._checked:
+            check_gradients_written(self.model)
+            self._checked = True
+        flat.collect_grads()
         if self.grad_hook is not None:
             self.grad_hook(flat.grad)
-        if self._update is not None and not self.optimizer.has_hooks():
-            self._update()
+        if self._ours and not self.optimizer.has_hooks():
+            self.optimizer.update()
         else:
             self.optimizer.step()
-        return loss * x.shape[0], correct
-
-    # ------------------------------------------------------------------ CUDA graphs
-    def _graphed(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Replay the graph of this key; run eagerly (on a side stream) while warming up; capture once warm."""
-        if self.layout.workspace.generation != self._generation:
-            self._graphs.clear()
-            self._generation = self.layout.workspace.generation
-        if self._hooked():  # a step someone watches (diagnostics) runs its hooks: eagerly
-            return self._on_side_stream(x, y)
-        structure = self.optimizer.structure() if hasattr(self.optimizer, "structure") else None
-        key = (tuple(x.shape), tuple(m.training for m in self.model.modules()), structure)
-        entry = self._graphs.get(key)
-        if entry is None:
-            runs = self._eager_runs.get(key, 0)
-            if structure is None or runs < self.graph_warmup:
-                self._eager_runs[key] = runs + 1
-                return self._on_side_stream(x, y)
-            try:
-                entry = self._graphs[key] = self._capture(x, y)
-            except RuntimeError as error:  # an op that a graph cannot hold; eager from now on
-                self.graph_failure = gist(error)
-                return self._eager_step(x, y)
-        graph, static_x, static_y, (loss_sum, n_correct) = entry
-        self.optimizer.refresh_scalars()
-        static_x.copy_(x)
-        static_y.copy_(y)
-        graph.replay()
-        return loss_sum.clone(), n_correct.clone()
-
-    def _hooked(self) -> bool:
-        optimizer_hooks = getattr(self.optimizer, "has_hooks", lambda: True)()
-        return optimizer_hooks or any(m._forward_hooks or m._backward_hooks for m in self.model.modules())
-
-    def _on_side_stream(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        device = x.device
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            result = self._eager_step(x, y)
-        torch.cuda.current_stream(device).wait_stream(side)
         return result
 
-    def _capture(self, x: Tensor, y: Tensor) -> tuple[torch.cuda.CUDAGraph, Tensor, Tensor, tuple[Tensor, Tensor]]:
-        static_x, static_y = x.clone(), y.clone()
-        graph = torch.cuda.CUDAGraph()
-        for layer in self.model.modules():
-            if isinstance(layer, Dropout) and layer.generator is not None:
-                graph.register_generator_state(layer.generator)
-        with torch.cuda.graph(graph):
-            outputs = self._eager_step(static_x, static_y)
-        return graph, static_x, static_y, outputs
+    # ------------------------------------------------------------------ the weights, with mixed precision
+    def model_state_dict(self) -> dict[str, Tensor]:
+        """The model's ``state_dict`` with float32 master weights under mixed precision (what a checkpoint keeps)."""
+        return self.layout.flat.master_state(self.model.state_dict(), self.layout.names)
+
+    def load_model_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Load :meth:`model_state_dict`'s output (or any ``state_dict`` of the model), master weights included."""
+        self.model.load_state_dict(state)
+        self.layout.flat.load_master(state, self.layout.names)
 
 
 def make_step(model: Module, loss_fn: Loss, optimizer: torch.optim.Optimizer, *, fast: bool = True,
-              grad_hook: GradHook | None = None, **cuda_options: Any) -> SimpleStep:
+              grad_hook: GradHook | None = None, **options: Any) -> SimpleStep | FastStep:
     """The step :func:`nnbackprop.train` uses: :class:`FastStep` when ``fast`` and the fast layout can hold the model
-    (``cuda_options`` go to it), else :class:`SimpleStep`; the step's ``fallback_reason`` says why it is simple."""
+    (``options`` — ``dtype``, ``tf32``, ``cuda_graph``, ``graph_warmup`` — go to it), else :class:`SimpleStep`, whose
+    ``fallback_reason`` says why.
+
+    Raises:
+        ConfigError: ``options`` ask for what only the fast step does (a 16-bit ``dtype``, ``cuda_graph``, ``tf32``)
+            and it cannot run.
+    """
     reason = "fast=False" if not fast else FastStep.why_not(model, optimizer)
     if reason is None:
-        step: SimpleStep = FastStep(model, loss_fn, optimizer, grad_hook, **cuda_options)
-    else:
-        step = SimpleStep(model, loss_fn, optimizer, grad_hook)
-    step.fallback_reason = reason
-    return step
+        return FastStep(model, loss_fn, optimizer, grad_hook, **options)
+    asked = [name for name, value in options.items() if value and name != "graph_warmup"
+             and (name != "dtype" or value in LOW_PRECISION)]
+    if asked:
+        raise ConfigError(f"{', '.join(asked)} need the fast step, which cannot run here ({reason})")
+    return SimpleStep(model, loss_fn, optimizer, grad_hook, fallback_reason=reason)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from nnbackprop.errors import MissingExtraError
 from nnbackprop.metrics import EpochMetrics
 from nnbackprop.callbacks import RunInfo, TrainCallback
 
@@ -23,7 +24,7 @@ def require_tensorboard() -> None:
     try:
         from torch.utils.tensorboard import SummaryWriter  # noqa: F401
     except ImportError as error:
-        raise ModuleNotFoundError(f"--tensorboard needs the tensorboard package, which is not installed: "
+        raise MissingExtraError(f"--tensorboard needs the tensorboard package, which is not installed: "
                                   f"{INSTALL_HINT}") from error
 
 

@@ -117,16 +117,16 @@ def test_plot_writes_curves_and_diagnostics(tmp_path, mnist_dir, capsys):
 
 def test_plot_of_a_malformed_layer_record_is_one_line(tmp_path, mnist_dir, capsys, monkeypatch):
     pytest.importorskip("matplotlib", reason="--plot needs the optional matplotlib")
-    from nnbackprop import cli
+    from nnbackprop import training
 
-    real_train = cli.train
+    real_train = training.train
 
     def train_with_a_broken_record(config, **kwargs):
         result = real_train(config, **kwargs)
         (kwargs["out_dir"] / "layers.jsonl").write_text('{"epoch": 1, "step"\n')
         return result
 
-    monkeypatch.setattr(cli, "train", train_with_a_broken_record)
+    monkeypatch.setattr(training, "train", train_with_a_broken_record)
     code, out, err = run(capsys, "train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--epochs", "1",
                          "--out", str(tmp_path / "run"), "--plot", *SMALL)
     assert code == 2 and len(err.splitlines()) == 1
@@ -311,15 +311,33 @@ def test_a_users_model_trains_resumes_and_evaluates_from_the_command_line(tmp_pa
     assert code == 0 and "epoch 2/2" in out, err
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["model"] == {"kind": "file", "spec": f"{model_file}:build", "path": str(model_file)}
-    code, out, err = run(capsys, "evaluate", str(tmp_path / "run"))
+    code, out, err = run(capsys, "evaluate", str(tmp_path / "run"), "--model", f"{model_file}:build")
     assert code == 0 and f"accuracy {100 * summary['test_accuracy']:.2f}%" in out, err
 
     moved = tmp_path / "moved.py"
     model_file.rename(moved)
-    code, out, err = run(capsys, "evaluate", str(tmp_path / "run"))
-    assert code == 2 and "that file is not here; pass --model PATH.py:FUNCTION" in err and len(err.splitlines()) == 1
     code, out, err = run(capsys, "evaluate", str(tmp_path / "run"), "--model", f"{moved}:build")
     assert code == 0 and f"accuracy {100 * summary['test_accuracy']:.2f}%" in out, err
+
+
+def test_a_checkpoint_never_makes_nnbackprop_import_the_file_it_names(tmp_path, mnist_dir, capsys):
+    """A checkpoint is data: evaluate, predict and --resume rebuild a user's model only from a --model given on
+    their own command line, and say which file and function the checkpoint records."""
+    model_file = tmp_path / "net.py"
+    model_file.write_text(MODEL_FILE)
+    spec = f"{model_file}:build"
+    args = ["train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--out", str(tmp_path / "run"), *SMALL]
+    assert run(capsys, *args, "--model", spec, "--epochs", "1")[0] == 0
+    model_file.write_text(MODEL_FILE + "\nimport pathlib\npathlib.Path(__file__).with_name('ran').touch()\n")
+    image = tmp_path / "digit.png"
+    Image.new("L", (28, 28)).save(image)
+    for command in (["evaluate", str(tmp_path / "run")], ["predict", str(tmp_path / "run"), str(image)],
+                    [*args, "--epochs", "2", "--resume"]):
+        code, out, err = run(capsys, *command)
+        assert code == 2 and (f"pass --model {spec}" in err or f"resume with --model {spec}" in err), err
+        assert len(err.splitlines()) == 1 and not (tmp_path / "ran").exists()
+    assert run(capsys, *args, "--epochs", "2", "--resume", "--model", spec)[0] == 0
+    assert (tmp_path / "ran").exists()
 
 
 @pytest.mark.parametrize("spec, message", [

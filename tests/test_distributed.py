@@ -20,10 +20,13 @@ import pytest
 import torch
 
 from nnbackprop import CrossEntropyLoss, mlp
+import torch.distributed as dist
+
 from nnbackprop.distributed import (
-    DistContext, all_reduce_mean_hook, broadcast_module, cleanup, flat_parameters, init_distributed,
-    local_batch_size, parameters_in_sync, rank_seed, reduce_metrics,
+    DistContext, all_reduce_mean_hook, broadcast_module, cleanup, init_distributed, local_batch_size, rank_seed,
+    reduce_metrics,
 )
+from nnbackprop.module import Module
 from nnbackprop.optim import SGD
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +34,25 @@ FAIL_TIMEOUT_S = 2.0  # the process group's timeout in the failure tests
 WAIT_S = 60.0  # the longest a test waits for a worker process
 N, D_IN, CLASSES, GLOBAL_BATCH, EPOCHS = 96, 20, 5, 16, 2
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+# ---------------------------------------------------------------------------------------------------- helpers
+def flat_parameters(model: Module) -> torch.Tensor:
+    """All parameter values concatenated in ``model.parameters()`` order: ``(P,)``, a copy."""
+    return torch.cat([p.data.reshape(-1) for p in model.parameters()])
+
+
+def parameters_in_sync(ctx: DistContext, model: Module) -> bool:
+    """Whether every rank's parameters are bitwise equal to rank 0's; the same answer on every rank (one broadcast
+    of the whole model)."""
+    if not ctx.distributed:
+        return True
+    mine = flat_parameters(model)  # (P,)
+    reference = mine.clone()
+    dist.broadcast(reference, 0)
+    mismatches = torch.tensor(int(not torch.equal(mine, reference)), device=ctx.device)
+    dist.all_reduce(mismatches, op=dist.ReduceOp.SUM)
+    return int(mismatches) == 0
 
 
 # ---------------------------------------------------------------------------------------------------- training

@@ -73,8 +73,8 @@ def test_update_matches_torch(ours, theirs, config, steps, layout) -> None:
     optimizer = ours(params, **config)
     flat = None
     if layout == "flat":
-        flat = FlatParameters(params, group_index=0)
-        optimizer.flat = flat
+        flat = FlatParameters(params)
+        optimizer.attach_flat(flat, 0)
     _run(optimizer, params, grads, lrs, flat)
     _assert_close(params, reference)
     if flat is not None:
@@ -96,8 +96,8 @@ def test_state_dicts_interchange_with_torch(ours, theirs, config, direction, lay
     ours_optimizer = ours(params, **config)
     flat = None
     if layout == "flat":
-        flat = FlatParameters(params, group_index=0)
-        ours_optimizer.flat = flat
+        flat = FlatParameters(params)
+        ours_optimizer.attach_flat(flat, 0)
     torch_params = [p.detach().clone() for p in params]
     torch_optimizer = theirs(torch_params, **config)
     first, second = (ours_optimizer, torch_optimizer) if direction == "ours-to-torch" else (torch_optimizer,

@@ -10,8 +10,10 @@ import torch
 from conftest import ROOT, subprocess_env
 
 from nnbackprop import to_torch
-from nnbackprop.worked_example import (INPUT, LEARNING_RATE, TARGET, WEIGHTS, WorkedExample, run_worked_example,
-                                       seed_network)
+
+sys.path.insert(0, str(ROOT / "experiments"))
+from seed_worked_example import (INPUT, LEARNING_RATE, TARGET, WEIGHTS, WorkedExample,  # noqa: E402
+                                 run_worked_example, seed_network)
 
 EXPECTED = {"H1": 0.538424, "H2": 0.520813, "Y1": 0.633710, "Y2": 0.648998, "E": 0.184979, "dE_dw5": 0.072952,
             "w5_after": 0.179270}

@@ -1,4 +1,6 @@
-"""Running an experiment as the scripts in ``experiments/`` do: train with console output, plot, tabulate."""
+"""How the scripts beside this file run an experiment: train with console output, plot, tabulate.
+
+Each script imports it as ``from runner import ...`` (Python puts a script's own folder on its path)."""
 
 from __future__ import annotations
 
@@ -6,14 +8,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from nnbackprop.callbacks import TrainResult
 from nnbackprop.config import TrainConfig
 from nnbackprop.console import ConsoleLogger, fail, print_error
-from nnbackprop.datasets import DatasetNotFoundError, DataSplits
-from nnbackprop.files import WriteError
+from nnbackprop.datasets import DataSplits
+from nnbackprop.errors import NNBackpropError, WriteError
 from nnbackprop.module import Module
 from nnbackprop.plot import plot_run
-from nnbackprop.callbacks import TrainResult
-from nnbackprop.training import NonFiniteLossError, train
+from nnbackprop.training import train
 
 
 def run_experiment(config: TrainConfig, out_dir: str | Path, data: DataSplits | None = None,
@@ -26,13 +28,13 @@ def run_experiment(config: TrainConfig, out_dir: str | Path, data: DataSplits | 
     logger = ConsoleLogger(progress=sys.stderr.isatty() if progress is None else progress)
     try:
         result = train(config, model, data, out_dir=out_dir, overwrite=True, callback=logger)
-    except (DatasetNotFoundError, NonFiniteLossError, ValueError, WriteError) as error:
+    except (NNBackpropError, ValueError) as error:
         fail(error)
     finally:
         logger.close()
     try:
         plot_run(result, out_dir)
-    except ImportError:
+    except ModuleNotFoundError:
         print("(no plots: matplotlib is not installed; pip install 'nnbackprop[plot]')")
     except (ValueError, WriteError) as error:  # the run is done and saved: say why it has no plots, and go on
         print_error(error)
