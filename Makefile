@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test venv data gradcheck clean
+.PHONY: demo test venv data gradcheck gpu-check venv-min test-min clean
 
 venv: $(VENV)/.installed
 
@@ -43,5 +43,27 @@ demo: venv data
 gradcheck: venv
 	$(PY) -m nnbackprop gradcheck
 
+# Prove a GPU machine with its own python3 and torch, nothing installed and no network: every CUDA path of nnbackprop
+# (CUDA tests, graphs against eager, a host-sync audit, mixed precision, training and resume, NCCL, the step benchmark's
+# CUDA rows, the gradient check), a few minutes on one H100; a table, and runs/gpu-check/gpu_check.json.
+GPU_DATA ?= $(FMNIST_DIR)
+gpu-check:
+	$(PYTHON) -m nnbackprop doctor --data-dir $(GPU_DATA)
+
+# The lowest torch pyproject.toml allows, in an environment of its own: make test-min runs the suite there.
+TORCH_MIN := 2.4.1
+TORCHVISION_MIN := 0.19.1
+VENV_MIN ?= .venv-min
+venv-min: $(VENV_MIN)/.installed
+
+$(VENV_MIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV_MIN)
+	$(VENV_MIN)/bin/python -m pip install --quiet "torch==$(TORCH_MIN)" "torchvision==$(TORCHVISION_MIN)" "numpy<2"
+	$(VENV_MIN)/bin/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+test-min: venv-min data
+	$(VENV_MIN)/bin/python -m pytest
+
 clean:
-	rm -rf $(VENV) .pytest_cache results runs
+	rm -rf $(VENV) $(VENV_MIN) .pytest_cache results runs

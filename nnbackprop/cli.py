@@ -1,4 +1,4 @@
-"""The command line: nnbackprop train, evaluate, predict and gradcheck.
+"""The command line: nnbackprop train, evaluate, predict, gradcheck and doctor.
 
 Every command exits non-zero with one "nnbackprop: error: ..." line for bad arguments or input: the
 :class:`~nnbackprop.errors.NNBackpropError` the library raises (status 2; 1 when training diverged), or a layer's
@@ -122,6 +122,20 @@ def cmd_gradcheck(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    import torch
+
+    from nnbackprop.doctor import RESULT_FILE, doctor
+
+    if not torch.cuda.is_available():
+        build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(f"nnbackprop doctor checks a GPU machine, and torch {torch.__version__} ({build}) sees no "
+                          "CUDA device here; run it where there is one (make gpu-check)")
+    out = args.out or Path("runs") / "gpu-check" / RESULT_FILE
+    results = doctor(out, args.data_dir, args.budget_s)
+    return 1 if any(r.status == "fail" for r in results) else 0
+
+
 # ------------------------------------------------------------------------------------------------------ parser
 
 
@@ -194,6 +208,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the float64 finite-difference check")
     p.add_argument("-v", "--verbose", action="store_true", help="print every tensor of every check")
     p.set_defaults(func=cmd_gradcheck)
+
+    p = sub.add_parser("doctor", help="prove a GPU machine: every CUDA path, in a few minutes",
+                       description="Run every CUDA path of nnbackprop on this machine's GPU — the CUDA tests, CUDA "
+                       "graphs against eager steps, a host-sync audit, mixed precision, training with and without "
+                       "graphs and a resume, torchrun on NCCL, the step benchmark's CUDA rows, the gradient check — "
+                       "each in a process of its own; print a table and write one JSON file.")
+    p.add_argument("--data-dir", help="where Fashion-MNIST is, for the training checks (default: skip them)")
+    p.add_argument("--out", type=Path, help="the JSON file (default: runs/gpu-check/gpu_check.json)")
+    p.add_argument("--budget-s", type=float, default=480.0, help="stop starting checks after this many seconds "
+                   "(default: 480)")
+    p.set_defaults(func=cmd_doctor)
     return parser
 
 
