@@ -1,7 +1,7 @@
 """From settings to the parts of a run: the model, loss, optimizer and schedule a
 :class:`~nnbackprop.config.TrainConfig` describes, the settings it leaves open resolved against the data, and the
-checks that all of it fits the data and the machine — before anything is trained. :func:`~nnbackprop.train` uses these, and so do ``nnbackprop evaluate`` /
-``predict`` (:mod:`nnbackprop.inference`) and the benchmarks.
+checks that all of it fits the data and the machine — before anything is trained. :func:`~nnbackprop.train` uses
+these, and so do ``nnbackprop evaluate`` / ``predict`` (:mod:`nnbackprop.inference`) and the benchmarks.
 """
 
 from __future__ import annotations

@@ -214,7 +214,8 @@ class FastStep:
         device = first.device
         if dtype is not None and dtype != first.dtype and not (dtype in LOW_PRECISION and first.dtype == torch.float32):
             raise ValueError(f"FastStep: dtype {dtype} for a {first.dtype} model; the compute dtype is the model's "
-                             "own, or bfloat16/float16 for a float32 model (mixed precision); cast the model with .to()")
+                             "own, or bfloat16/float16 for a float32 model (mixed precision); cast the model with "
+                             ".to()")
         if (tf32 or cuda_graph) and device.type != "cuda":
             raise ValueError(f"FastStep: tf32 and cuda_graph need the model on a CUDA device, it is on {device}")
         ours = isinstance(optimizer, Optimizer)

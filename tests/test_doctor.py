@@ -1,5 +1,6 @@
-"""``nnbackprop doctor`` (``make gpu-check``): its CPU-side logic — the order of the checks, running each in a process of
-its own under a time limit and a budget, judging their output, the table and the JSON — and its refusal without CUDA.
+"""``nnbackprop doctor`` (``make gpu-check``): its CPU-side logic — the order of the checks, running each in a process
+of its own under a time limit and a budget, judging their output, the table and the JSON — and its refusal without
+CUDA.
 The checks themselves need a GPU (the ``cuda`` test at the end runs the whole thing where there is one)."""
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def test_the_judges_read_what_the_tools_print():
 def test_the_table_and_the_json(tmp_path):
     lines = []
     out = tmp_path / "gpu" / "gpu_check.json"
-    results = doctor.doctor(out, None, 60, [python_check("ok", "print('fine')"), python_check("bad", "raise SystemExit(3)")],
-                            echo=lines.append)
+    checks = [python_check("ok", "print('fine')"), python_check("bad", "raise SystemExit(3)")]
+    results = doctor.doctor(out, None, 60, checks, echo=lines.append)
     assert lines[0].split() == ["check", "result", "time", "detail"]
     assert lines[1].startswith("ok") and " pass " in lines[1] and lines[2].startswith("bad") and " fail " in lines[2]
     assert lines[-1].startswith("\n1 passed, 1 failed, 0 skipped; results in")
