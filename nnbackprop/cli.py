@@ -1,4 +1,4 @@
-"""The command line: nnbackprop train, evaluate, predict, gradcheck and doctor.
+"""The command line: nnbackprop train, compare, evaluate, predict, export, gradcheck and doctor.
 
 Every command exits non-zero with one "nnbackprop: error: ..." line for bad arguments or input: the
 :class:`~nnbackprop.errors.NNBackpropError` the library raises (status 2; 1 when training diverged), or a layer's
@@ -46,6 +46,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError("--resume continues the run in --out and --overwrite starts it afresh: give one of them")
     config = config_from_args(args)
     out = Path(config.out) if config.out is not None else default_out(config)
+    if args.seeds is not None or args.sweep is not None:
+        return _train_many(args, config, out)
     if args.resume and (out / CHECKPOINT_FILE).is_file():  # the run as it was, changed only by the options given
         saved = run_settings(out)
         if saved.model is not None and config.model is None:  # neither --model nor --config named one
@@ -74,6 +76,38 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_many(args: argparse.Namespace, config: Any, out: Path) -> int:
+    """``--seeds`` and ``--sweep``: every planned run in a folder of its own under ``out``, a line as each ends."""
+    from nnbackprop.sweep import describe, load_grid, parse_seeds, plan, run_all
+
+    if args.resume or args.overwrite:
+        raise ConfigError("a sweep resumes by itself (finished runs are skipped, stopped ones resumed): drop "
+                          "--resume/--overwrite, or give another --out to start afresh")
+    runs = plan(config, load_grid(args.sweep) if args.sweep is not None else None,
+                parse_seeds(args.seeds) if args.seeds is not None else None)
+    print(f"{len(runs)} run{'s' * (len(runs) != 1)} under {out}/, one after the other", flush=True)
+    finished = run_all(runs, out, on_finished=lambda f: print(describe(f), flush=True))
+    failed = sum(f.how == "failed" for f in finished)
+    print(f"compare them: nnbackprop compare {out}" + (f" ({failed} failed)" if failed else ""))
+    return 1 if failed else 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from nnbackprop.compare import comparison_rows, find_runs, group_runs, to_json
+    from nnbackprop.console import format_table
+
+    groups = group_runs(find_runs(args.runs))
+    if args.plot is not None:
+        from nnbackprop.plot import plot_comparison, require_matplotlib
+
+        require_matplotlib()
+        plot_comparison(groups, args.plot)
+    print(json.dumps(to_json(groups), indent=2) if args.json else format_table(comparison_rows(groups)))
+    if args.plot is not None and not args.json:
+        print(f"plot: {args.plot}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from nnbackprop.console import format_evaluation
     from nnbackprop.inference import evaluate_checkpoint
@@ -90,6 +124,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     predictions = predict_files(args.checkpoint, args.images, top=args.top, device=args.device, model=args.model)
     print(json.dumps(predictions, indent=2) if args.json else format_predictions(predictions))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import math
+
+    from nnbackprop.export import export_run
+
+    exported = export_run(args.run, args.format, args.out, args.model)
+    checked = ("not checked: onnxruntime is not installed" if math.isnan(exported.max_rel_err) else
+               f"loaded back and checked against nnbackprop's forward: max relative difference "
+               f"{exported.max_rel_err:.1e}")
+    print(f"exported {exported.path} (what it takes and returns: {exported.info}); {checked}")
     return 0
 
 
@@ -166,9 +213,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "settings (options given here change them where a run can change: --epochs, --patience, ...)")
     g.add_argument("--overwrite", action="store_true", help="start afresh even if --out holds a checkpoint")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--seeds", metavar="SEEDS", help="train once per seed (0,1,2 or 0-4), each run in OUT/seed=N; "
+                   "compare them with nnbackprop compare OUT")
+    g.add_argument("--sweep", type=Path, metavar="GRID.toml", help="train once per combination of the values a TOML "
+                   "grid gives settings (lr = [0.01, 0.05]), each run in a folder of its own under --out; finished "
+                   "runs are skipped and stopped ones resumed when run again")
     g.add_argument("--plot", action="store_true", help="write the loss, accuracy and learning-rate curves as PNG, "
                    "and the per-layer diagnostics when the run recorded layers.jsonl (needs matplotlib)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("compare", help="compare runs: mean ± std over seeds, and the settings that differ",
+                       description="Group runs that differ only in their seed and print, per group, the mean ± "
+                       "standard deviation of the test accuracy, the best epoch, the epochs and the time, beside the "
+                       "settings that differ between groups.")
+    p.add_argument("runs", nargs="+", type=Path, metavar="RUN", help="run folders, or folders holding them (a "
+                   "sweep's --out)")
+    p.add_argument("--json", action="store_true", help="print one JSON document instead of the table")
+    p.add_argument("--plot", type=Path, metavar="FILE.png", help="also draw every run's validation accuracy, one "
+                   "colour per group (needs matplotlib)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint on its data set's test split, or on another data set",
                        description="Evaluate a trained model on the test split of the data set it was trained on, or "
@@ -194,6 +257,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON document: a list of {image, top: [{class, "
                    "probability}, ...]}")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a trained model: torch.export (.pt2) or ONNX",
+                       description="Export the model of a run for use without nnbackprop, checked against "
+                       "nnbackprop's own forward: torch.export's .pt2, or ONNX (needs pip install "
+                       "'nnbackprop[onnx]'). A JSON file beside it says what it takes (normalised images, the mean "
+                       "and std) and returns (logits, the class names).")
+    p.add_argument("run", type=Path, metavar="RUN", help="a run folder, or its checkpoint.pt")
+    p.add_argument("--format", choices=["torch", "onnx"], default="torch", help="default: torch")
+    p.add_argument("--out", type=Path, metavar="FILE", help="default: RUN/model.pt2 or RUN/model.onnx")
+    p.add_argument("--model", metavar="PATH.py:FUNCTION", help="rebuild a model a user's function built (nnbackprop "
+                   "never imports a file because a checkpoint names it)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("gradcheck", help="check every built-in layer and loss against torch.autograd",
                        description="Check every built-in layer, loss and a few models against torch.autograd (and "

@@ -315,9 +315,12 @@ def parse_value(text: str, hint: Any) -> Any:
 # ---------------------------------------------------------------------------------------------------------- files
 
 
-def load_config_file(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
-    """``base`` (default: the defaults) with the settings of ``path``: a TOML file of ``name = value`` lines (such
-    as the ``config.toml`` a run writes), or a JSON file of them (a run's ``summary.json``: its ``config``)."""
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """The ``name = value`` pairs of a TOML file (or of a JSON file, or a run's ``summary.json``: its ``config``).
+
+    Raises:
+        ConfigError: the file cannot be read or parsed, or holds something else; the message names the file.
+    """
     path = Path(path)
     try:
         text = path.read_text()
@@ -327,12 +330,18 @@ def load_config_file(path: str | Path, base: TrainConfig | None = None) -> Train
         values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as error:
         raise ConfigError(f"config file {path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} "
-                         f"({error})") from None
+                          f"({error})") from None
     if isinstance(values, dict) and isinstance(values.get("config"), dict):
         values = values["config"]  # a summary.json
     if not isinstance(values, dict):
         raise ConfigError(f"config file {path}: expected settings as name = value, got a {type(values).__name__}")
-    return TrainConfig.from_mapping(values, base, f"config file {path}")
+    return values
+
+
+def load_config_file(path: str | Path, base: TrainConfig | None = None) -> TrainConfig:
+    """``base`` (default: the defaults) with the settings of ``path``: a TOML file of ``name = value`` lines (such
+    as the ``config.toml`` a run writes), or a JSON file of them (a run's ``summary.json``: its ``config``)."""
+    return TrainConfig.from_mapping(load_toml(path), base, f"config file {path}")
 
 
 def _toml_value(value: Any) -> str:
@@ -377,7 +386,9 @@ def add_arguments(parser: argparse.ArgumentParser, defaults: TrainConfig | None 
                                                                       parser.add_argument_group(f.metadata["group"]))
         default = getattr(defaults, f.name)
         shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-        help_text = f"{f.metadata['help']} (default: {shown})"
+        help_text = f.metadata["help"]
+        if "(default:" not in help_text:  # a setting left open says in its help what it resolves to
+            help_text += f" (default: {shown})"
         kind, _ = _unwrap(hints[f.name])
         option = "--" + f.name.replace("_", "-")
         choices = getattr(f.metadata["check"], "choices", None)

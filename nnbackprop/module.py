@@ -401,8 +401,17 @@ class Module:
                 m.__dict__.update(state)
 
     def to_torch(self) -> torch.nn.Module:
-        """Return the equivalent ``torch.nn`` module, holding copies of this module's parameters and buffers."""
-        raise NotImplementedError(f"{type(self).__name__} has no torch.nn equivalent")
+        """The equivalent ``torch.nn`` module, holding copies of this module's parameters and buffers (the same
+        ``state_dict`` keys).
+
+        Built-in layers return torch.nn's own (``torch.nn.Linear``, ...). For any other module — a user's layer, or a
+        block made of built-in layers — the default builds one from the module itself: its children converted (each
+        by its own ``to_torch``), its parameters, buffers and settings copied, and its own ``forward`` run as the
+        torch module's forward. That works when ``forward`` uses torch ops, its children and its parameters (the calls
+        nnbackprop adds — ``check_input``, ``save_for_backward``, ``scratch`` — do nothing there). A layer whose
+        forward needs anything else overrides this method and returns its own ``torch.nn`` equivalent.
+        """
+        return _torch_equivalent(self)
 
     # ------------------------------------------------------------------ traversal
     def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
@@ -486,6 +495,22 @@ class Module:
                 m.bind_workspace(None)
         return self
 
+    def float(self) -> "Module":
+        """``to(torch.float32)``, as torch.nn's."""
+        return self.to(torch.float32)
+
+    def double(self) -> "Module":
+        """``to(torch.float64)``, as torch.nn's."""
+        return self.to(torch.float64)
+
+    def cpu(self) -> "Module":
+        """``to("cpu")``, as torch.nn's."""
+        return self.to("cpu")
+
+    def cuda(self, device: int | torch.device | str | None = None) -> "Module":
+        """``to("cuda")`` (or ``cuda:device``), as torch.nn's."""
+        return self.to(torch.device("cuda", device) if isinstance(device, int) else device or "cuda")
+
     def state_dict(self) -> "OrderedDict[str, Tensor]":
         """Parameters and buffers by dotted name; the keys and shapes match the equivalent ``torch.nn`` model."""
         state: OrderedDict[str, Tensor] = OrderedDict()
@@ -552,3 +577,48 @@ class Module:
             lines.append(f"  ({name}): {child_repr}")
         lines.append(")")
         return "\n".join(lines)
+
+
+class _InTorch:
+    """What an nnbackprop module's ``forward`` may call on ``self`` beyond torch ops, for :func:`_torch_equivalent`:
+    each does nothing (or says there is no buffer) in a ``torch.nn`` module."""
+
+    def check_input(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    def save_for_backward(self, *values: Any) -> None:
+        return None
+
+    def scratch(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+
+def _torch_equivalent(module: Module) -> torch.nn.Module:
+    """A ``torch.nn.Module`` of a class with ``module``'s own methods (its class and bases up to :class:`Module`),
+    holding ``module``'s children converted, copies of its parameters and buffers, and its other attributes."""
+    cls = type(module)
+    namespace: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if klass is object or issubclass(Module, klass):  # Module itself and what it derives from
+            continue
+        namespace.update({k: v for k, v in vars(klass).items()
+                          if not (k.startswith("__") and k.endswith("__")) and k not in ("backward", "to_torch")})
+    torch_class = type(cls.__name__, (_InTorch, torch.nn.Module), {**namespace, "__module__": cls.__module__})
+    converted = torch_class.__new__(torch_class)
+    torch.nn.Module.__init__(converted)
+    state = module.__dict__
+    for key, value in state.items():
+        if not key.startswith("_") and key not in state["_parameters"] and key not in state["_modules"] \
+                and key not in state["_buffers"] and key not in ("training", "needs_input_grad"):
+            object.__setattr__(converted, key, value)
+    for key, child in state["_modules"].items():
+        converted.add_module(key, child.to_torch())
+    for key, p in state["_parameters"].items():
+        converted.register_parameter(key, torch.nn.Parameter(p.detach().clone()))
+    for key, b in state["_buffers"].items():
+        converted.register_buffer(key, b.detach().clone())
+    return converted.train(module.training)

@@ -388,3 +388,30 @@ def plot_run(result: TrainResult, out_dir: str | Path) -> list[Path]:
     if records:
         paths += plot_diagnostics(records, out_dir, title=title)
     return paths
+
+
+# ------------------------------------------------------------------------------------------------------ comparisons
+
+
+def plot_comparison(groups: Sequence[Any], path: str | Path) -> Path:
+    """The validation accuracy (the training accuracy without a validation split) of every run of every group of
+    :func:`~nnbackprop.compare.group_runs`, overlaid: one colour per group, one line per seed, the group's
+    differing settings in the legend; saved as a PNG at ``path``."""
+    from nnbackprop.compare import differing_settings
+
+    figure, axes = new_figure(7.2, 4.4)
+    differing = differing_settings(groups)
+    colors = _depth_colors(len(groups))
+    for i, (group, color) in enumerate(zip(groups, colors), start=1):
+        label = f"group {i}" + (": " + ", ".join(f"{k}={group.settings[k]}" for k in differing) if differing else "")
+        for j, run in enumerate(group.runs):
+            history = run.history
+            key = "val_accuracy" if history and history[0].get("val_accuracy") is not None else "train_accuracy"
+            axes.plot([m["epoch"] for m in history], [100 * m[key] for m in history], color=color, alpha=0.8,
+                      label=label if j == 0 else None)
+    axes.set(xlabel="epoch", ylabel="validation accuracy (%)", title=f"{sum(len(g.runs) for g in groups)} runs in "
+             f"{len(groups)} group{'s' * (len(groups) != 1)}")
+    _integer_ticks(axes)
+    axes.grid(alpha=0.3)
+    _outside_legend(axes, fontsize=8)
+    return save_figure(figure, path)
