@@ -47,6 +47,8 @@ class Loss(Module):
         raise NotImplementedError
 
     def _check_dout(self, dloss: Any) -> None:
+        if isinstance(dloss, Tensor) and dloss.requires_grad:
+            super()._check_dout(dloss)  # refuses a second-order use
         if isinstance(dloss, Tensor) and dloss.numel() != 1:
             raise ValueError(f"{self.name}.backward: dloss must be a number or a one-element tensor "
                              "(d total / d loss), "

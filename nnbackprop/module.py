@@ -272,6 +272,10 @@ class Module:
             m.__dict__["_saved"], m.__dict__["_pending"] = None, 0
 
     def _check_dout(self, dout: Any) -> None:
+        if isinstance(dout, Tensor) and dout.requires_grad:
+            raise ValueError(f"{self.name}.backward: dout requires grad, as for a second-order gradient; nnbackprop's "
+                             "backward is written by hand to first order and cannot be differentiated: for "
+                             "second-order gradients use torch.func or autograd on the torch.nn model (nb.to_torch)")
         out = self.__dict__["_output"]
         if not isinstance(out, Tensor):
             return

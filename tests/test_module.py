@@ -127,3 +127,19 @@ def test_a_module_can_be_renamed_for_its_messages():
     layer.name = "encoder.scale"
     with pytest.raises(ValueError, match=r"^encoder.scale: expected 4 input features"):
         layer(torch.randn(2, 3, dtype=F64))
+
+
+def test_second_order_use_is_refused_in_one_line():
+    """The backward is written by hand, to first order: a dout that requires grad (as when differentiating the
+    backward itself) is refused, naming the way to second-order gradients."""
+    from nnbackprop import CrossEntropyLoss, mlp
+
+    model = mlp(4, [3], 2)
+    model(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="second-order gradient.*nb.to_torch") as caught:
+        model.backward(torch.ones(2, 2, requires_grad=True))
+    assert "\n" not in str(caught.value)
+    loss_fn = CrossEntropyLoss()
+    loss_fn(torch.randn(2, 3), torch.tensor([0, 2]))
+    with pytest.raises(ValueError, match="second-order"):
+        loss_fn.backward(torch.ones((), requires_grad=True))
