@@ -191,8 +191,8 @@ def batchnorm_forward(
         var, mean = torch.var_mean(x, 0, correction=0)  # (C,), (C,)
         running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
         running_var.mul_(1 - momentum).add_(var, alpha=momentum * n / (n - 1))
-    else:
-        mean, var = running_mean, running_var
+    else:  # the running averages may be kept in a wider dtype than x (float32 under bfloat16 training)
+        mean, var = running_mean.to(x.dtype), running_var.to(x.dtype)
     rstd = torch.rsqrt(var + eps)  # (C,)
     xhat = torch.sub(x, mean, out=xhat).mul_(rstd)  # (N, C)
     return torch.addcmul(bias, xhat, weight, out=out), xhat, rstd

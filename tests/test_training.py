@@ -411,3 +411,21 @@ def test_the_thread_count_is_recorded(tmp_path):
     result = train(BASE.replace(epochs=1), data=toy_data(), out_dir=tmp_path)
     assert result.summary["threads"] == torch.get_num_threads()
     assert load_checkpoint(tmp_path)["run"]["threads"] == torch.get_num_threads()
+
+
+def test_bfloat16_trains_with_float32_master_weights_and_resumes_exactly(tmp_path):
+    """Mixed precision through train(): the layers and the data in bfloat16, the weights the checkpoint keeps and the
+    optimizer state in float32, and a resumed run equal to one straight through."""
+    config = RESUME.replace(dtype="bfloat16", optimizer="adamw", lr=1e-3, epochs=4)
+    straight = train(config, data=toy_data(), out_dir=tmp_path / "straight")
+    assert straight.summary["step"] == "FastStep" and next(straight.model.parameters()).dtype == torch.bfloat16
+    saved = load_checkpoint(tmp_path / "straight" / CHECKPOINT_FILE)
+    assert all(w.dtype == torch.float32 for w in saved["model"].values() if w.is_floating_point())
+    state = saved["optimizer"]["state"][0]
+    assert state["exp_avg"].dtype == torch.float32 and state["step"].dtype == torch.float32 and state["step"] == 40
+    with pytest.raises(KeyboardInterrupt):
+        train(config, data=toy_data(), out_dir=tmp_path / "resumed", callback=Recorder(stop_after=2))
+    resumed = train(config, data=toy_data(), out_dir=tmp_path / "resumed", resume=True)
+    assert losses(resumed.history) == losses(straight.history)
+    assert_same_weights(load_checkpoint(tmp_path / "resumed" / CHECKPOINT_FILE)["model"], saved["model"])
+    assert straight.test_accuracy > 0.6 and resumed.test_accuracy == straight.test_accuracy
