@@ -154,23 +154,27 @@ samples_per_epoch = 0
 start = time.perf_counter()
 with stop_on_signals():
     try:
-        print(f"loading {config.dataset} ...", flush=True)
-        data = load_dataset(config.dataset, data_dir=config.data_dir, val_size=config.val_size, seed=0)
-        full = make_loader(data.train, config.batch_size, mean=data.mean, std=data.std, device=device, shuffle=True,
-                           seed=0)
-        loader = FirstBatches(full, args.max_steps)
-        samples_per_epoch = min(full.num_samples, len(loader) * config.batch_size)
-        generator = torch.Generator(device).manual_seed(1)
-        model = build_model(config, data.input_shape, data.num_classes, device, generator)
-        loss_fn = build_loss(config)
-        optimizer = build_optimizer(config, model)
-        scheduler = build_scheduler(config, optimizer, len(loader))
-        step = nb.FastStep(model, loss_fn, optimizer)
-        diagnostics = {mode: Diagnostics(model, optimizer, mode) for mode in ("on", "full")}
+        try:
+            print(f"loading {config.dataset} ...", flush=True)
+            data = load_dataset(config.dataset, data_dir=config.data_dir, val_size=config.val_size, seed=0)
+            full = make_loader(data.train, config.batch_size, mean=data.mean, std=data.std, device=device,
+                               shuffle=True, seed=0)
+            loader = FirstBatches(full, args.max_steps)
+            samples_per_epoch = min(full.num_samples, len(loader) * config.batch_size)
+            generator = torch.Generator(device).manual_seed(1)
+            model = build_model(config, data.input_shape, data.num_classes, device, generator)
+            loss_fn = build_loss(config)
+            optimizer = build_optimizer(config, model)
+            scheduler = build_scheduler(config, optimizer, len(loader))
+            step = nb.make_step(model, loss_fn, optimizer)  # the step train takes
+            diagnostics = {mode: Diagnostics(model, optimizer, mode) for mode in ("on", "full")}
+        except (ValueError, FileNotFoundError) as error:  # no data set, a user's model that fails
+            sys.exit(f"error: {error}")
         sizes = (math.prod(data.input_shape), *config.hidden, data.num_classes)
         model_name = config.model or "MLP " + "-".join(map(str, sizes))
-        print(f"{config.dataset}: {full.num_samples} training samples; model {model_name}; batch {config.batch_size}; "
-              f"{len(loader)} of {len(full)} steps per epoch; log_every {config.log_every}", flush=True)
+        print(f"{config.dataset}: {full.num_samples} training samples; model {model_name} "
+              f"({type(step).__name__}); batch {config.batch_size}; {len(loader)} of {len(full)} steps per epoch; "
+              f"log_every {config.log_every}", flush=True)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         print(f"warm-up epoch (untimed): {epoch('off', 0):.3f} s", flush=True)

@@ -336,8 +336,9 @@ PROGRESS = re.compile(r"^repeat \d+/\d+ \| (steps alone|diagnostics (off|on|full
 
 def test_epoch_benchmark_shows_progress_and_one_table(tmp_path: Path, fake_fashion_mnist: Path) -> None:
     out = tmp_path / "epoch.json"
+    (tmp_path / "models.py").write_text(USER_MODELS)
     result = run_script("epoch_benchmark.py", "--data-dir", fake_fashion_mnist, "--repeats", "2", *EPOCH_ARGS,
-                        "--out", out)
+                        "--model", f"{tmp_path / 'models.py'}:plain", "--out", out)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = result.stdout.splitlines()
     progress = [i for i, line in enumerate(lines) if PROGRESS.match(line)]
@@ -346,10 +347,11 @@ def test_epoch_benchmark_shows_progress_and_one_table(tmp_path: Path, fake_fashi
     assert lines.index(header) > progress[-1]
     assert [row.split("  ")[0] for row in rows] == ["steps alone", "diagnostics off", "diagnostics on",
                                                      "diagnostics full"]
-    assert "2 of 4 steps per epoch" in result.stdout
+    assert "models.py:plain (FastStep); batch 16; 2 of 4 steps per epoch" in result.stdout
     saved = json.loads(out.read_text())
     assert saved["stopped"] is None and saved["steps_per_epoch"] == 2 and saved["samples_per_epoch"] == 32
     assert saved["max_steps"] == 2 and saved["repeats"] == 2 and len(saved["machine"]["load_average"]) == 3
+    assert saved["config"]["model"].endswith("models.py:plain")
     for row in saved["rows"]:
         assert row["epochs"] == 2 and len(row["all_s"]) == 2 and set(row["timings"]["epoch"]) == SUMMARY_KEYS
     assert saved["rows"][0]["overhead_vs_steps"] is None and saved["rows"][1]["overhead_vs_no_diagnostics"] is None
