@@ -33,7 +33,7 @@ import nnbackprop as nb
 from harness import LR, MOMENTUM, resolve_model
 from internals import all_reduce_mean_hook, broadcast_module, cleanup, init_distributed, local_batch_size
 from report import (Column, HelpFormatter, Table, describe_machine, format_time, key, load_average, machine_info,
-                    noise_warnings, non_negative, positive, shape_arg, summarize, write_json)
+                    noise_warnings, non_negative, positive, shape_arg, stop_on_signals, summarize, write_json)
 
 # ---------------------------------------------------------------------------------------------------- configuration
 MODEL = "784-512-512-10"
@@ -203,7 +203,7 @@ def main() -> int:
     table.header()
     rows = []
     stopped = None
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, stop_on_signals():
         try:
             for global_batch in args.batch_sizes:
                 baseline = None
@@ -213,9 +213,12 @@ def main() -> int:
                     row["speedup_vs_first"] = row["samples_per_s"] / baseline
                     rows.append(row)
                     table.row(row)
+        except KeyboardInterrupt:
+            stopped = "interrupted"
         except (RuntimeError, subprocess.TimeoutExpired) as error:  # a rank that failed or hung
             stopped = f"error: {error}"
-            print(stopped, file=sys.stderr)
+    if stopped is not None:
+        print(f"{stopped}; {len(rows)} rows measured", file=sys.stderr)
     print()
     for line in noise_warnings(rows, lambda r: f"batch {r['global_batch']}, {r['processes']} processes x "
                                                f"{r['threads_per_process']} threads"):
@@ -223,7 +226,8 @@ def main() -> int:
     result = {"benchmark": "distributed", "machine": machine, "load_average_end": load_average(), **settings,
               "runs": [f"{p}x{t}" for p, t in runs], "dtype": "float32", "backend": "gloo", "stopped": stopped,
               "speedup_baseline": f"the first run at each batch, {runs[0][0]}x{runs[0][1]}", "rows": rows}
-    return 0 if write_json(args.out, result) and stopped is None else 1
+    written = write_json(args.out, result)
+    return 130 if stopped == "interrupted" else 0 if written and stopped is None else 1
 
 
 if __name__ == "__main__":
