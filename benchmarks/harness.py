@@ -1,43 +1,48 @@
-"""Timing the whole training step (forward, backward, SGD-momentum update) of an MLP, four ways, in one process.
+"""Timing the whole training step (forward, cross-entropy, backward, SGD-momentum update) of a model, several ways, in
+one process.
 
-* **ours**: :class:`~nnbackprop.step.FastStep` (and, as a detail, the readable :class:`~nnbackprop.step.SimpleStep`);
-* **eager**: the same model as ``torch.nn`` + autograd + ``torch.optim.SGD``, in each variant the installed torch offers
-  (``default``, ``foreach``, ``fused``); the fastest is the baseline;
+* **ours**: the step :func:`nnbackprop.make_step` gives (``FastStep``, or ``SimpleStep`` when the fast layout cannot
+  hold the model) and, as a detail, the readable ``SimpleStep``;
+* **eager**: the same model as ``torch.nn`` (:func:`nnbackprop.to_torch`) + autograd + ``torch.optim.SGD``, in each
+  variant the installed torch offers (``default``, ``foreach``, ``fused``); the fastest is the baseline;
 * **compiled**: the eager step (default optimizer) under ``torch.compile``, compile time reported apart, or the reason
   it could not run;
-* **floor**: only the matrix products the step needs, with the same shapes and layouts (per ``Linear``: the forward
-  ``addmm``, ``dW = doutᵀ x`` and, except for the first layer, ``dx = dout W``).
+* **floor**: only the matrix products the step needs, with the same shapes, found from the model's layers
+  (:data:`FLOOR_PRODUCTS`; per ``Linear``: the forward ``addmm``, ``dW = doutᵀ x`` and, except for the first layer with
+  parameters, whose input is data, ``dx = dout W``);
+* **floor+update**: the floor, then the least memory traffic of the SGD-momentum update: one fused pass
+  (``torch.optim.SGD(fused=True)``, else ``foreach=True``) over one flat parameter, gradient and momentum tensor the
+  size of the model. ``ours/(floor+update)`` isolates what the step adds beyond that work.
 
-Every implementation starts from the same weights, and one step of each is checked against one step of ``FastStep``
-on the same batch before anything is timed. A time is the median over ``steps`` steps after ``warmup`` steps, taken with
-CUDA events on a GPU; the implementations are timed in alternating blocks, so that a shared machine whose load drifts
-slows them alike. Each configuration gives a row (a dict, JSON-ready) with the ratios ``eager/ours``,
-``compiled/ours`` and ``ours/floor``.
+A model comes from one pluggable constructor, :func:`resolve_model`: a :class:`BenchModel` names the model, its input
+shape and classes, and builds it from a seeded generator (an MLP from ``"784-512-512-10"``, or a user's
+``FILE.py:FUNCTION``).
 
-This harness measures and returns rows; ``step_benchmark.py`` beside it prints and saves them.
+Every implementation starts from the same weights, and one step of each is checked against one step of ours on the
+same batch before anything is timed. The implementations are timed in alternating blocks, so that a shared machine
+whose load drifts slows them alike; each gives the summary of its step times (:func:`report.summarize`: median,
+quartiles, extremes), taken with CUDA events on a GPU. Each configuration gives a row (a JSON-ready dict).
+
+This harness measures and returns rows; ``step_benchmark.py`` prints and saves them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
-import os
-import platform
-import statistics
-import sys
+import math
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
-from nnbackprop.gradcheck import TOLERANCES
-from nnbackprop.losses import CrossEntropyLoss
-from nnbackprop.model import Sequential, mlp, to_torch
-from nnbackprop.optim import SGD
-from nnbackprop.step import FastStep, SimpleStep
+import nnbackprop as nb
+from internals import TOLERANCES, ConfigError, checked_torch_model, model_from_file
+from report import load_average, summarize
 
 LR = 0.01
 MOMENTUM = 0.9
@@ -45,37 +50,181 @@ EAGER_VARIANTS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused"
 """``torch.optim.SGD`` keyword arguments of each eager variant."""
 
 
-def parse_sizes(spec: str) -> list[int]:
-    """``"784-512-512-10"`` → ``[784, 512, 512, 10]`` (input, hidden..., output)."""
+# -------------------------------------------------------------------------------------------------------- the models
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """A model to benchmark: its name in the table, the shape of one input example, the number of classes, and
+    ``build(generator)``, which returns a fresh nnbackprop model with weights drawn from ``generator``."""
+    name: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    build: Callable[[torch.Generator], nb.Module]
+
+
+def mlp_model(spec: str) -> BenchModel:
+    """The ReLU MLP ``"784-512-512-10"`` (input, hidden..., classes), without dropout or ``Flatten``."""
     try:
         sizes = [int(s) for s in spec.split("-")]
     except ValueError:
         sizes = []
     if len(sizes) < 2 or min(sizes) <= 0:
-        raise ValueError(f"model '{spec}': expected layer sizes joined by '-', e.g. 784-512-512-10")
-    return sizes
+        raise ValueError(f"model '{spec}': expected layer sizes joined by '-' (e.g. 784-512-512-10) or "
+                         "FILE.py:FUNCTION")
+    return BenchModel(spec, (sizes[0],), sizes[-1],
+                      lambda generator: nb.mlp(sizes[0], sizes[1:-1], sizes[-1], flatten=False, generator=generator))
 
 
-def machine_info(device: torch.device) -> dict[str, Any]:
-    """The CPU model, core and thread counts, torch build and, on CUDA, the GPU."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    info = {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch_interop_threads": torch.get_num_interop_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch": torch.__version__,
-        "python": sys.version.split()[0],
-        "platform": platform.platform(),
-        "device": str(device),
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
+def file_model(spec: str, input_shape: Sequence[int], num_classes: int) -> BenchModel:
+    """The model ``FILE.py:FUNCTION`` returns, called as ``nnbackprop train --model`` calls it: with those of
+    ``in_features``, ``input_shape``, ``num_classes`` and ``generator`` it declares."""
+    def build(generator: torch.Generator) -> nb.Module:
+        return model_from_file(spec, in_features=math.prod(input_shape), input_shape=tuple(input_shape),
+                               num_classes=num_classes, generator=generator)
+
+    path, _, function = spec.rpartition(":")
+    built = build(torch.Generator().manual_seed(0)).eval()  # a missing file or function, or one that fails, stops here
+    x = torch.randn(2, *input_shape)
+    try:
+        with torch.no_grad():
+            out = built(x)
+    except Exception as error:  # whatever the user's layers raise
+        raise ValueError(f"--model {spec}: the model does not take a batch of shape {tuple(x.shape)} (--input-shape): "
+                         f"{type(error).__name__}: {str(error).strip().splitlines()[0]}") from error
+    if not isinstance(out, Tensor) or tuple(out.shape) != (2, num_classes):
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"--model {spec}: the model returns {shape} for a batch of 2, cross-entropy needs "
+                         f"(2, {num_classes}) (--num-classes)")
+    return BenchModel(f"{Path(path).name}:{function}", tuple(input_shape), num_classes, build)
+
+
+def resolve_model(spec: str, input_shape: Sequence[int], num_classes: int) -> BenchModel:
+    """The model ``spec`` names: ``FILE.py:FUNCTION`` (built for ``input_shape`` and ``num_classes``) or an MLP's layer
+    sizes (which fix both). Another kind of model (the CNN to come) is one more function returning a
+    :class:`BenchModel`, chosen here by its spec.
+
+    Raises:
+        ValueError: in one line, naming the spec and what is wrong with it.
+    """
+    if ".py:" in spec:
+        return file_model(spec, input_shape, num_classes)
+    return mlp_model(spec)
+
+
+def parameter_count(model: nb.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def torch_equivalent(model: nb.Module, input_shape: tuple[int, ...]) -> tuple[torch.nn.Module | None, str | None]:
+    """``(nb.to_torch(model), None)`` once checked to compute what ``model`` does, or ``(None, why)`` when a layer
+    has no ``torch.nn`` equivalent."""
+    try:
+        return checked_torch_model(model, input_shape), None
+    except ConfigError as error:
+        return None, str(error)
+
+
+def describe(model: BenchModel) -> dict[str, Any]:
+    """What will be timed of ``model``: its ``parameters`` count, why ours is not ``FastStep`` (``fast_reason``), why
+    there is no eager reference (``eager_skip``), and the layers with parameters the floor leaves out."""
+    built = model.build(torch.Generator().manual_seed(0)).eval()
+    return {"parameters": parameter_count(built), "fast_reason": nb.FastStep.why_not(built),
+            "eager_skip": torch_equivalent(built, model.input_shape)[1],
+            "floor_left_out": matmul_floor(built, torch.randn(2, *model.input_shape))[1]}
+
+
+# --------------------------------------------------------------------------------------------------------- the floor
+
+Products = tuple[Callable[[], None], Callable[[], None]]
+"""A layer's matrix products on preallocated tensors: ``(forward, backward)``."""
+
+
+def linear_products(layer: nb.Linear, x_shape: torch.Size, needs_dx: bool,
+                    rand: Callable[..., Tensor]) -> Products:
+    """``out = b + x Wᵀ`` (``addmm``); ``dW = doutᵀ x``; ``dx = dout W`` when the layer's input gradient is needed."""
+    n, d_in, d_out = math.prod(x_shape[:-1]), layer.in_features, layer.out_features
+    x, w, out, dout, dw = rand(n, d_in), rand(d_out, d_in), rand(n, d_out), rand(n, d_out), rand(d_out, d_in)
+    b = rand(d_out) if layer.bias is not None else None
+    dx = rand(n, d_in) if needs_dx else None
+
+    def forward() -> None:
+        if b is not None:
+            torch.addmm(b, x, w.t(), out=out)
+        else:
+            torch.mm(x, w.t(), out=out)
+
+    def backward() -> None:
+        torch.mm(dout.t(), x, out=dw)
+        if dx is not None:
+            torch.mm(dout, w, out=dx)
+
+    return forward, backward
+
+
+FLOOR_PRODUCTS: dict[type, Callable[[Any, torch.Size, bool, Callable[..., Tensor]], Products]] = {
+    nb.Linear: linear_products,
+    # Conv2d: its products here once the layer exists: the forward convolution, dW (torch.nn.grad.conv2d_weight) and,
+    # when needed, dx (torch.nn.grad.conv2d_input), on tensors of the shapes the layer saw.
+}
+"""The layer types whose matrix products make the floor, each with the function that preallocates and runs them given
+the layer, the shape of its input and whether its input gradient is computed."""
+
+
+def matmul_floor(model: nb.Module, x: Tensor) -> tuple[Callable[[], None], list[str]]:
+    """The floor of one step of ``model`` on the batch ``x``: the products of :data:`FLOOR_PRODUCTS` of every layer
+    the forward runs, forwards in order then backwards in reverse; and the names of the layers with parameters whose
+    work it leaves out (no entry in :data:`FLOOR_PRODUCTS`).
+
+    The shapes are those of a forward pass of a copy of ``model`` on ``x``. As in a training step, the first layer
+    with parameters computes no input gradient."""
+    gen = torch.Generator(x.device).manual_seed(0)
+
+    def rand(*shape: int) -> Tensor:
+        return torch.rand(shape, generator=gen, device=x.device).to(x.dtype)
+
+    probe = copy.deepcopy(model)
+    calls: list[tuple[nb.Module, torch.Size]] = []
+    leaves = [m for m in probe.modules() if next(m.children(), None) is None]
+    handles = [m.register_forward_hook(lambda m, inputs, out: calls.append((m, inputs[0].shape))) for m in leaves]
+    with torch.no_grad():
+        probe(x)
+    for handle in handles:
+        handle.remove()
+    products: list[Products] = []
+    left_out: list[str] = []
+    after_parameters = False
+    for layer, shape in calls:
+        make = next((f for kind, f in FLOOR_PRODUCTS.items() if isinstance(layer, kind)), None)
+        has_parameters = next(layer.parameters(), None) is not None
+        if make is not None:
+            products.append(make(layer, shape, after_parameters, rand))
+        elif has_parameters:
+            left_out.append(type(layer).__name__)
+        after_parameters = after_parameters or has_parameters
+
+    def run() -> None:
+        for forward, _ in products:
+            forward()
+        for _, backward in reversed(products):
+            backward()
+
+    return run, sorted(set(left_out))
+
+
+def update_floor(num_params: int, dtype: torch.dtype, device: torch.device) -> tuple[Callable[[], Any], str]:
+    """One SGD-momentum update over flat ``(num_params,)`` parameter, gradient and momentum tensors, in the fused
+    ``torch.optim.SGD`` (else foreach); returns the update and which implementation it is."""
+    param = torch.zeros(num_params, dtype=dtype, device=device)
+    param.grad = torch.rand(num_params, generator=torch.Generator(device).manual_seed(0), device=device).to(dtype)
+    for name in ("fused", "foreach"):
+        try:
+            optimizer = torch.optim.SGD([param], lr=LR, momentum=MOMENTUM, **EAGER_VARIANTS[name])
+            optimizer.step()  # creates the momentum buffer; every later step is the one timed
+        except (RuntimeError, ValueError):  # a variant this torch or device lacks
+            continue
+        return optimizer.step, name
+    raise RuntimeError(f"torch.optim.SGD has neither a fused nor a foreach update for {dtype} on {device}")
 
 
 # ------------------------------------------------------------------------------------------------------------ timing
@@ -122,21 +271,14 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], *, steps: int, warmup
     return times
 
 
-# ---------------------------------------------------------------------------------------------------- the four steps
+# ------------------------------------------------------------------------------------------------------ the steps
 
 
-def initial_model(sizes: Sequence[int], dtype: torch.dtype, device: torch.device, seed: int = 0) -> Sequential:
-    """The benchmarked MLP (ReLU, no dropout) with seeded weights."""
-    return mlp(sizes[0], list(sizes[1:-1]), sizes[-1], flatten=False, dtype=dtype,
-               generator=torch.Generator().manual_seed(seed)).to(device)
-
-
-def ours_step(model: Sequential, *, fast: bool = True, **options: bool) -> Callable:
-    """``FastStep`` (``fast``) or ``SimpleStep`` on ``model`` with cross-entropy and SGD-momentum."""
-    optimizer = SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
-    if fast:
-        return FastStep(model, CrossEntropyLoss(), optimizer, **options)
-    return SimpleStep(model, CrossEntropyLoss(), optimizer)
+def ours_step(model: nb.Module, *, fast: bool = True, **cuda_options: bool) -> nb.SimpleStep:
+    """``nb.make_step`` on ``model`` with cross-entropy and SGD-momentum: ``FastStep`` when ``fast`` and the fast layout
+    can hold the model (its ``fallback_reason`` says why not), else ``SimpleStep``."""
+    optimizer = nb.SGD(model.parameters(), lr=LR, momentum=MOMENTUM)
+    return nb.make_step(model, nb.CrossEntropyLoss(), optimizer, fast=fast, **cuda_options)
 
 
 class TorchStep:
@@ -173,46 +315,35 @@ class TorchStep:
             entry["momentum_buffer"].zero_()
 
 
-def matmul_floor(sizes: Sequence[int], batch: int, dtype: torch.dtype, device: torch.device) -> Callable[[], None]:
-    """Only the matrix products of one step, on preallocated random tensors: per ``Linear`` the forward
-    ``addmm(b, x, Wᵀ)``, ``dW = doutᵀ x`` and, except for the first layer, ``dx = dout W``."""
-    gen = torch.Generator(device).manual_seed(0)
-
-    def rand(*shape: int) -> Tensor:
-        return torch.rand(shape, generator=gen, device=device).to(dtype)
-
-    layers = [
-        (rand(batch, d_in), rand(d_out, d_in), rand(d_out), rand(batch, d_out), rand(batch, d_out),
-         rand(d_out, d_in), rand(batch, d_in) if i > 0 else None)
-        for i, (d_in, d_out) in enumerate(zip(sizes[:-1], sizes[1:]))
-    ]
-
-    def products() -> None:
-        for x, weight, bias, out, _, _, _ in layers:
-            torch.addmm(bias, x, weight.t(), out=out)
-        for x, weight, _, _, dout, dweight, dx in reversed(layers):
-            torch.mm(dout.t(), x, out=dweight)
-            if dx is not None:
-                torch.mm(dout, weight, out=dx)
-
-    return products
-
-
 def max_relative_difference(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> float:
-    """``max_k max|a_k − b_k| / max|a_k|`` over the parameters of two state dicts with the same keys."""
+    """``max_k max|a_k − b_k| / max|a_k|`` over the tensors of two state dicts with the same keys."""
     return max(((a[k].double() - b[k].double()).abs().max() / a[k].double().abs().max().clamp_min(1e-30)).item()
                for k in a)
 
 
-def _parameters(model: torch.nn.Module | Sequential) -> dict[str, Tensor]:
+def _state(model: torch.nn.Module | nb.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 # -------------------------------------------------------------------------------------------------------- one config
 
 
+def initial_model(model: BenchModel, dtype: torch.dtype, device: torch.device, seed: int = 0) -> nb.Module:
+    return model.build(torch.Generator().manual_seed(seed)).to(device, dtype)
+
+
+def compiled_step(model: BenchModel, dtype: torch.dtype, device: torch.device | str,
+                  seed: int = 0) -> tuple[TorchStep | None, str | None]:
+    """A compiled :class:`TorchStep` of ``model`` to share across batch sizes (each batch shape compiles once), or
+    ``None`` and why there is none."""
+    reference, why = torch_equivalent(initial_model(model, dtype, torch.device(device), seed), model.input_shape)
+    if reference is None:
+        return None, f"no torch.nn equivalent ({why})"
+    return TorchStep(reference, {}, compile=True), None
+
+
 def benchmark_config(
-    sizes: Sequence[int],
+    model: BenchModel,
     batch: int,
     *,
     dtype: torch.dtype = torch.float32,
@@ -227,53 +358,58 @@ def benchmark_config(
     """Time one model at one batch size; return its row.
 
     Every implementation is built from the same initial weights and takes one step on the same batch, which must give
-    FastStep's parameters; then all are timed together by :func:`time_interleaved`.
+    ours' parameters; then all are timed together by :func:`time_interleaved`. A model without a ``torch.nn``
+    equivalent is timed as ours and simple only (``row["eager_skip"]`` says why).
 
-    ``compiled``: a compiled :class:`TorchStep` of this model (shared across batch sizes, so each shape compiles once);
-    it is restarted from the initial weights, compiled (timed apart), checked, then timed; if compiling fails the row
-    gives the reason and ``compiled.failure`` keeps it. ``compiled_skip``: why there is no compiled step.
+    ``compiled``: a compiled :class:`TorchStep` of this model (see :func:`compiled_step`); it is restarted from the
+    initial weights, compiled (timed apart), checked, then timed; if compiling fails the row gives the reason and
+    ``compiled.failure`` keeps it. ``compiled_skip``: why there is no compiled step.
 
     Raises:
-        RuntimeError: when an implementation's first step disagrees with ``FastStep``'s beyond
-            the gradient checker's tolerance (the timings would compare different computations).
+        RuntimeError: when an implementation's first step disagrees with ours beyond the gradient checker's tolerance
+            (the timings would compare different computations).
     """
     device = torch.device(device)
-    init = initial_model(sizes, dtype, device, seed)
+    init = initial_model(model, dtype, device, seed)
     gen = torch.Generator(device).manual_seed(seed + 1)
-    x = torch.randn(batch, sizes[0], generator=gen, device=device, dtype=dtype)
-    y = torch.randint(0, sizes[-1], (batch,), generator=gen, device=device)
-    row: dict[str, Any] = {"model": "-".join(map(str, sizes)), "batch": batch, "dtype": str(dtype).split(".")[-1],
-                           "device": str(device)}
+    x = torch.randn(batch, *model.input_shape, generator=gen, device=device, dtype=dtype)
+    y = torch.randint(0, model.num_classes, (batch,), generator=gen, device=device)
+    row: dict[str, Any] = {"model": model.name, "batch": batch, "dtype": str(dtype).split(".")[-1],
+                           "device": str(device), "parameters": parameter_count(init)}
     steppers: dict[str, Callable[[Tensor, Tensor], Any]] = {}  # name → step(x, y), each past its first step
     checks: dict[str, float] = {}
 
-    model = copy.deepcopy(init)
-    steppers["ours"] = ours_step(model)
-    steppers["ours"](x, y)
-    reference = _parameters(model)
+    ours_model = copy.deepcopy(init)
+    steppers["ours"] = ours = ours_step(ours_model)
+    row["ours_step"] = type(ours).__name__ + (f" ({ours.fallback_reason})" if ours.fallback_reason else "")
+    ours(x, y)
+    reference = _state(ours_model)
 
-    def first_step(name: str, step: Callable[[Tensor, Tensor], Any], model: Any) -> None:
+    def first_step(name: str, step: Callable[[Tensor, Tensor], Any], stepped: Any) -> None:
         step(x, y)
         steppers[name] = step
-        difference = checks[name] = max_relative_difference(reference, _parameters(model))
+        difference = checks[name] = max_relative_difference(reference, _state(stepped))
         if not difference <= TOLERANCES[dtype]:
-            raise RuntimeError(f"{name} and FastStep disagree after one step on {row['model']} at batch {batch}: "
-                               f"relative parameter difference {difference:.2e} > {TOLERANCES[dtype]:.0e}")
+            raise RuntimeError(f"{name} and ours disagree after one step on {row['model']} at batch {batch}: relative "
+                               f"parameter difference {difference:.2e} > {TOLERANCES[dtype]:.0e} (a model that draws "
+                               "random numbers in its step, e.g. dropout, cannot be compared step for step)")
 
-    if device.type == "cuda":
-        model = copy.deepcopy(init)
-        first_step("ours_cuda_graph", ours_step(model, cuda_graph=True), model)
-    model = copy.deepcopy(init)
-    first_step("simple", ours_step(model, fast=False), model)
-    skipped = {}
-    for name, options in EAGER_VARIANTS.items():
-        model = to_torch(copy.deepcopy(init))
+    if device.type == "cuda" and ours.fallback_reason is None:
+        stepped = copy.deepcopy(init)
+        first_step("ours_cuda_graph", ours_step(stepped, cuda_graph=True), stepped)
+    if ours.fallback_reason is None:
+        stepped = copy.deepcopy(init)
+        first_step("simple", ours_step(stepped, fast=False), stepped)
+    row["eager_skip"] = torch_equivalent(init, model.input_shape)[1]
+    row["eager_skipped"] = {}
+    for name, options in EAGER_VARIANTS.items() if row["eager_skip"] is None else ():
+        stepped = nb.to_torch(copy.deepcopy(init))
         try:
-            step = TorchStep(model, options)
+            step = TorchStep(stepped, options)
         except (RuntimeError, ValueError) as error:  # a variant this torch or device lacks
-            skipped[name] = f"skipped: {str(error).strip().splitlines()[0]}"
+            row["eager_skipped"][name] = str(error).strip().splitlines()[0]
             continue
-        first_step(f"eager_{name}", step, model)
+        first_step(f"eager_{name}", step, stepped)
 
     row["compile_s"] = None
     row["compiled_skip"] = compiled_skip if compiled is None else compiled.failure
@@ -293,30 +429,33 @@ def benchmark_config(
             first_step("compiled", compiled, compiled.model)
 
     timers: dict[str, Callable[[], Any]] = {name: functools.partial(step, x, y) for name, step in steppers.items()}
-    timers["floor"] = matmul_floor(sizes, batch, dtype, device)
+    products, row["floor_left_out"] = matmul_floor(init, x)
+    update, row["update_floor"] = update_floor(row["parameters"], dtype, device)
+    timers["floor"] = products
+    timers["floor+update"] = lambda: (products(), update())
     times = time_interleaved(timers, steps=steps, warmup=warmup, rounds=rounds, device=device)
-    ms = {name: round(statistics.median(t), 4) for name, t in times.items()}
+    row["load_average"] = (load_average() or [None])[0]
+    timings = row["timings"] = {name: summarize(t) for name, t in times.items()}
+    ms = {name: t["median"] for name, t in timings.items()}
 
-    row["ours_ms"] = ms["ours"]
-    if device.type == "cuda":
-        row["ours_cuda_graph_ms"] = ms["ours_cuda_graph"]
-    row["simple_ms"] = ms["simple"]
-    row["eager_ms"] = {name: ms.get(f"eager_{name}", skipped.get(name)) for name in EAGER_VARIANTS}
-    row["eager_best"] = min((name for name in EAGER_VARIANTS if name not in skipped), key=lambda n: ms[f"eager_{n}"])
-    row["eager_best_ms"] = ms[f"eager_{row['eager_best']}"]
-    row["compiled_ms"] = ms.get("compiled")
+    eager = [name for name in EAGER_VARIANTS if f"eager_{name}" in ms]
+    row["eager_best"] = min(eager, key=lambda n: ms[f"eager_{n}"]) if eager else None
     if "compiled" in ms:
         row["compile_s"] = round(max(first_calls_s - 2 * ms["compiled"] / 1e3, 0.0), 2)
-    row["floor_ms"] = ms["floor"]
-    row["eager_over_ours"] = round(row["eager_best_ms"] / row["ours_ms"], 3)
-    row["compiled_over_ours"] = round(row["compiled_ms"] / row["ours_ms"], 3) if "compiled" in ms else None
-    row["ours_over_floor"] = round(row["ours_ms"] / row["floor_ms"], 3)
+
+    def over(a: str, b: str) -> float | None:
+        return round(ms[a] / ms[b], 3) if a in ms and b in ms else None
+
+    row["eager_over_ours"] = over(f"eager_{row['eager_best']}", "ours")
+    row["compiled_over_ours"] = over("compiled", "ours")
+    row["ours_over_floor"] = over("ours", "floor")
+    row["ours_over_floor_update"] = over("ours", "floor+update")
     row["checks"] = {name: float(f"{value:.2e}") for name, value in checks.items()}
     return row
 
 
 def benchmark_model(
-    sizes: Sequence[int],
+    model: BenchModel,
     batch_sizes: Sequence[int],
     *,
     dtype: torch.dtype = torch.float32,
@@ -333,13 +472,11 @@ def benchmark_model(
 
     ``on_row`` is called with each row as soon as it is ready (the script prints it).
     """
-    compiled = None
-    if compile:
-        compiled = TorchStep(to_torch(initial_model(sizes, dtype, device, seed)), {}, compile=True)
+    compiled, skip = compiled_step(model, dtype, device, seed) if compile else (None, "disabled")
     rows = []
     for batch in batch_sizes:
-        row = benchmark_config(sizes, batch, dtype=dtype, device=device, steps=steps, warmup=warmup, rounds=rounds,
-                               compiled=compiled, compiled_skip=None if compile else "disabled", seed=seed)
+        row = benchmark_config(model, batch, dtype=dtype, device=device, steps=steps, warmup=warmup, rounds=rounds,
+                               compiled=compiled, compiled_skip=skip, seed=seed)
         rows.append(row)
         if on_row is not None:
             on_row(row)

@@ -1,109 +1,196 @@
-"""Training-step benchmark: nnbackprop's FastStep against torch.nn + autograd + torch.optim.SGD (eager and compiled)
-and against the matrix-product floor, for two MLPs at four batch sizes.
+"""Training-step benchmark: nnbackprop's step against torch.nn + autograd + torch.optim.SGD (eager and compiled) and
+against two floors, for MLPs (or your own model) at several batch sizes.
 
-One step is forward, cross-entropy, backward and an SGD-momentum update. For each model and batch size the table gives
-the median milliseconds per step of
-
-* ``ours``      FastStep (``simple``: the readable layer-by-layer SimpleStep, for reference);
-* ``eager``     the fastest of torch.optim.SGD's default / foreach / fused variants (named in ``best``);
-* ``compiled``  the eager step under torch.compile (compile time in ``compile s``, measured apart);
-* ``floor``     only the matrix products of the step (forward addmm, dW and dx products);
-
-and the ratios eager/ours, compiled/ours (above 1: ours is faster) and ours/floor (1 is the floor). Every implementation
-starts from the same weights; the script stops if one step of any of them disagrees with FastStep's. On CUDA there is
-also a bf16 row (float32 master weights) and the CUDA-graph FastStep. All rows and the machine go to a JSON file.
-
-The first run compiles (tens of seconds per model on a small CPU); inductor caches the result for later runs.
+One step is forward, cross-entropy, backward and an SGD-momentum update (lr 0.01, momentum 0.9). Every implementation
+starts from the same weights; the script stops if one step of any of them disagrees with ours. The implementations are
+timed in alternating blocks, so that a machine whose load drifts slows them alike; rows are printed as they are
+measured, then the noise warnings; the rows, the machine and its load go to a JSON file (--out), and a bar chart to
+--plot. The first run compiles (tens of seconds per model on a small CPU); inductor caches the result for later runs.
 
 Usage (with the package installed, ``pip install -e .``)::
 
-    python benchmarks/step_benchmark.py [--models 784-512-512-10] [--batch-sizes 128 2048] [--device cpu]
-        [--dtype float32] [--steps 20] [--threads 2] [--no-compile] [--out results/step_benchmark.json]
+    python benchmarks/step_benchmark.py --models 784-512-512-10 --batch-sizes 32 128 --steps 50
+    python benchmarks/step_benchmark.py --model my_model.py:build --input-shape 1,28,28 --num-classes 10
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
+import sys
+from typing import Any
 
 import torch
 
-from harness import benchmark_model, machine_info, parse_sizes
-from nnbackprop.files import write_text
+from harness import EAGER_VARIANTS, LR, MOMENTUM, benchmark_model, describe, resolve_model
+from internals import NNBackpropError
+from report import (Column, HelpFormatter, Table, add_device_options, describe_machine, device_from, format_time, key,
+                    load_average, machine_info, noise_warnings, non_negative, plot_times, positive, ratio, shape_arg,
+                    stop_on_signals, write_json)
 
 # ---------------------------------------------------------------------------------------------------- configuration
 MODELS = ["784-512-512-10", "784-1024-1024-1024-10"]
 BATCH_SIZES = [32, 128, 512, 2048]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = ["float32"]
-STEPS = 20  # timed steps per measurement (the median is reported)
-WARMUP = 3  # untimed steps before them
+STEPS = 20
+WARMUP = 3
+ROUNDS = 5
+INPUT_SHAPE = "1,28,28"
+NUM_CLASSES = 10
 OUT = "results/step_benchmark.json"
+PLOTTED = ["ours", "eager", "compiled", "floor", "floor+update"]  # the bars of --plot, per configuration
 
-COLUMNS = [  # (header, row key, format)
-    ("model", "model", "{}"), ("batch", "batch", "{}"), ("dtype", "dtype", "{}"),
-    ("ours ms", "ours_ms", "{:.3f}"), ("simple ms", "simple_ms", "{:.3f}"),
-    ("eager ms", "eager_best_ms", "{:.3f}"), ("best", "eager_best", "{}"),
-    ("compiled ms", "compiled_ms", "{:.3f}"), ("compile s", "compile_s", "{:.1f}"), ("floor ms", "floor_ms", "{:.3f}"),
-    ("eager/ours", "eager_over_ours", "{:.2f}"), ("compiled/ours", "compiled_over_ours", "{:.2f}"),
-    ("ours/floor", "ours_over_floor", "{:.2f}"),
-]
+COLUMNS_HELP = """\
+columns (each time is "median ±N%": the median milliseconds per step over --steps timed steps, and N half their
+interquartile range as a percentage of the median, so the middle half of the steps lies within about median ±N%;
+a row where the interquartile range exceeds 10% of the median gets a warning line naming it below the table):
+  model             an MLP's layer sizes, or FILE.py:FUNCTION
+  batch, dtype      examples per step; parameter and data type (dtype shown when there are several)
+  ours ms           the step nnbackprop.train takes: FastStep (buffers, flat parameters), or SimpleStep when the
+                    fast layout cannot hold the model (said above the table)
+  graph ms          (CUDA) FastStep replayed as a CUDA graph
+  simple ms         SimpleStep, the readable step on the plain model
+  eager ms, best    the model's torch.nn equivalent (nnbackprop.to_torch) + autograd + torch.optim.SGD: the fastest
+                    of its default, foreach and fused variants, named in "best"
+  compiled ms       the eager step (default optimizer) under torch.compile; "compile s": its compile time, apart
+  floor ms          only the step's matrix products, with the same shapes, nothing else: per Linear the forward
+                    addmm (x Wᵀ + b), dW = doutᵀ x and dx = dout W (none for the first layer with parameters, whose
+                    input is data); other layers with parameters are named above the table as left out
+  floor+upd ms      the floor, then one fused SGD-momentum update (torch.optim.SGD(fused=True), else foreach) over
+                    one flat parameter, gradient and momentum tensor the size of the model: the least memory
+                    traffic an update can have
+  eager/ours, compiled/ours
+                    above 1: ours is faster
+  ours/floor        1 is the floor: what a step adds beyond the matrix products
+  ours/(floor+upd)  1 is the floor with the update: what is left above 1 is overhead (elementwise layers, the loss,
+                    bias gradients, copies, Python)"""
 
 
-def format_row(row: dict) -> list[str]:
-    return [("-" if row.get(key) is None else fmt.format(row[key])) for _, key, fmt in COLUMNS]
-
-
-def print_table(rows: list[dict]) -> None:
-    cells = [[header for header, _, _ in COLUMNS]] + [format_row(row) for row in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(COLUMNS))]
-    for line in cells:
-        print("  ".join(cell.rjust(width) for cell, width in zip(line, widths)))
-
-
-parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-parser.add_argument("--models", nargs="+", default=MODELS, help="layer sizes joined by '-'")
-parser.add_argument("--batch-sizes", nargs="+", type=int, default=BATCH_SIZES)
-parser.add_argument("--device", default=DEVICE)
-parser.add_argument("--dtype", nargs="+", default=DTYPES, choices=["float32", "float64"])
-parser.add_argument("--steps", type=int, default=STEPS, help="timed steps per measurement (>= 1; 20+ for results)")
-parser.add_argument("--warmup", type=int, default=WARMUP)
-parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=COLUMNS_HELP,
+                                 formatter_class=HelpFormatter)
+parser.add_argument("--models", "--model", nargs="+", default=MODELS, metavar="SPEC",
+                    help="models to time: an MLP's layer sizes joined by '-' (input-hidden...-classes, ReLU, no "
+                         "dropout), or FILE.py:FUNCTION, a function returning an nnbackprop model, called as "
+                         "'nnbackprop train --model' calls it")
+parser.add_argument("--input-shape", type=shape_arg, default=INPUT_SHAPE, metavar="C,H,W",
+                    help="shape of one input example of FILE.py:FUNCTION models; an MLP spec fixes its own")
+parser.add_argument("--num-classes", type=positive, default=NUM_CLASSES,
+                    help="number of classes of FILE.py:FUNCTION models; an MLP spec fixes its own")
+parser.add_argument("--batch-sizes", nargs="+", type=positive, default=BATCH_SIZES, metavar="N",
+                    help="examples per step")
+parser.add_argument("--dtype", nargs="+", default=DTYPES, choices=["float32", "float64"],
+                    help="parameter and data types")
+parser.add_argument("--steps", type=positive, default=STEPS,
+                    help="timed steps per implementation and configuration (the median and quartiles are over them)")
+parser.add_argument("--warmup", type=non_negative, default=WARMUP,
+                    help="untimed steps of each implementation before them")
+parser.add_argument("--rounds", type=positive, default=ROUNDS,
+                    help="blocks the timed steps are split into, alternating between the implementations")
+add_device_options(parser)
 parser.add_argument("--no-compile", action="store_true", help="skip torch.compile")
-parser.add_argument("--out", default=OUT, help="JSON file for the rows and the machine")
+parser.add_argument("--out", default=OUT, help="JSON file for the rows, the settings and the machine")
+parser.add_argument("--plot", default=None, metavar="FILE.png",
+                    help="also draw ours, eager, compiled and the floors per configuration (needs matplotlib)")
 args = parser.parse_args()
 
-if args.steps < 1 or args.warmup < 0 or min(args.batch_sizes) < 1:
-    parser.error("--steps and --batch-sizes must be positive and --warmup non-negative")
-device = torch.device(args.device)
-if device.type == "cuda" and not torch.cuda.is_available():
-    parser.error("--device cuda: no CUDA device is available here")
-models = [parse_sizes(spec) for spec in args.models]
-if args.threads is not None:
-    torch.set_num_threads(args.threads)
+device = device_from(parser, args)
+try:
+    models = [resolve_model(spec, args.input_shape, args.num_classes) for spec in args.models]
+except (ValueError, NNBackpropError) as error:
+    parser.error(str(error))
+compile_steps = not args.no_compile
+
+# ------------------------------------------------------------------------------------------------------- the table
+model_width = max(len(m.name) for m in models)
+time_width = 11
+columns = [Column("model", key("model"), model_width, left=True), Column("batch", key("batch"), 5)]
+if len(args.dtype) > 1:
+    columns.append(Column("dtype", key("dtype"), 7))
+
+
+def measured(row: dict, name: str) -> dict | None:
+    """The summary of the timings of ``name`` in ``row`` (``eager``: the best eager variant), ``None`` if not timed."""
+    return row["timings"].get(f"eager_{row['eager_best']}" if name == "eager" else name)
+
+
+def timing(name: str) -> Any:
+    return lambda row: format_time(measured(row, name))
+
+
+columns.append(Column("ours ms", timing("ours"), time_width))
+if device.type == "cuda":
+    columns.append(Column("graph ms", timing("ours_cuda_graph"), time_width))
+columns += [Column("simple ms", timing("simple"), time_width),
+            Column("eager ms", timing("eager"), time_width),
+            Column("best", key("eager_best"), max(map(len, EAGER_VARIANTS)))]
+if compile_steps:
+    columns += [Column("compiled ms", timing("compiled"), time_width),
+                Column("compile s", key("compile_s", "{:.1f}"))]
+columns += [Column("floor ms", timing("floor"), time_width),
+            Column("floor+upd ms", timing("floor+update"), time_width),
+            Column("eager/ours", lambda row: ratio(row["eager_over_ours"]))]
+if compile_steps:
+    columns.append(Column("compiled/ours", lambda row: ratio(row["compiled_over_ours"])))
+columns += [Column("ours/floor", lambda row: ratio(row["ours_over_floor"])),
+            Column("ours/(floor+upd)", lambda row: ratio(row["ours_over_floor_update"]))]
+table = Table(columns)
+
+
+def label(row: dict) -> str:
+    return f"{row['model']} batch {row['batch']} {row['dtype']}"
+
 
 # ------------------------------------------------------------------------------------------------------- benchmark
 machine = machine_info(device)
-print(", ".join(f"{key}: {value}" for key, value in machine.items()))
-print(f"median of {args.steps} steps after {args.warmup} warm-up steps; SGD lr 0.01 momentum 0.9, cross-entropy")
-rows = []
-for dtype in args.dtype:
-    for sizes in models:
-        rows += benchmark_model(sizes, args.batch_sizes, dtype=getattr(torch, dtype), device=device, steps=args.steps,
-                                warmup=args.warmup, compile=not args.no_compile,
-                                on_row=lambda row: print("  ".join(format_row(row)), flush=True))
-
+print(describe_machine(machine))
+print(f"one step: forward, cross-entropy, backward, SGD lr {LR} momentum {MOMENTUM}; times: median ±half the "
+      f"interquartile range of {args.steps} steps in {args.rounds} alternating blocks, after {args.warmup} warm-up "
+      f"steps (columns: --help)")
+for model in models:
+    about = describe(model)
+    notes = [f"{about['parameters']:,} parameters",
+             "ours is FastStep" if about["fast_reason"] is None else f"ours is SimpleStep ({about['fast_reason']})"]
+    if about["eager_skip"] is not None:
+        notes.append(f"no torch.nn equivalent ({about['eager_skip']}): ours and simple only")
+    if about["floor_left_out"]:
+        notes.append(f"the floor leaves out {', '.join(about['floor_left_out'])} (no matrix products known for it)")
+    print(f"{model.name}: " + "; ".join(notes))
 print()
-print_table(rows)
-for reason in sorted({row["compiled_skip"] for row in rows if row["compiled_skip"]}):
-    print(f"torch.compile skipped: {reason}")
-if device.type == "cuda":
-    print("CUDA graph FastStep ms: " + ", ".join(f"{r['model']}/{r['batch']}/{r['dtype']} {r['ours_cuda_graph_ms']:.3f}"
-                                                 for r in rows))
+table.header()
+rows: list[dict] = []
+stopped = None
+with stop_on_signals():
+    try:
+        for dtype in args.dtype:
+            for model in models:
+                rows += benchmark_model(model, args.batch_sizes, dtype=getattr(torch, dtype), device=device,
+                                        steps=args.steps, warmup=args.warmup, rounds=args.rounds,
+                                        compile=compile_steps, on_row=table.row)
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+    except RuntimeError as error:  # an implementation that disagrees with ours
+        stopped = f"error: {error}"
 
-out = Path(args.out)
-out.parent.mkdir(parents=True, exist_ok=True)
-result = {"machine": machine, "steps": args.steps, "warmup": args.warmup, "rows": rows}
-write_text(out, json.dumps(result, indent=2))
-print(f"wrote {out}")
+# ------------------------------------------------------------------------------------------------------- the results
+print()
+for line in noise_warnings(rows, label):
+    print(line)
+if compile_steps:
+    for reason in sorted({row["compiled_skip"] for row in rows if row["compiled_skip"]}):
+        print(f"torch.compile skipped: {reason}")
+if stopped is not None:
+    print(f"{stopped}; {len(rows)} rows measured", file=sys.stderr)
+if rows:
+    settings = {name: getattr(args, name) for name in ("models", "batch_sizes", "device", "dtype", "steps", "warmup",
+                                                          "rounds", "threads")}
+    result = {"benchmark": "step", "machine": machine, "load_average_end": load_average(), **settings,
+              "compile": compile_steps, "lr": LR, "momentum": MOMENTUM, "stopped": stopped, "rows": rows}
+    write_json(args.out, result)
+    if args.plot is not None:
+        series = {name: [measured(row, name) for row in rows] for name in PLOTTED}
+        load = machine["load_average"][0] if machine["load_average"] else "unknown"
+        plot_times(args.plot, [f"{row['model']}\nbatch {row['batch']} {row['dtype']}" for row in rows],
+                   {name: values for name, values in series.items() if any(v is not None for v in values)},
+                   ylabel="ms per step (median, quartiles)",
+                   title=f"training step on {machine['device']} ({machine['torch_threads']} threads), torch "
+                         f"{machine['torch']}, load average {load}")
+sys.exit(0 if stopped is None else 130 if stopped == "interrupted" else 1)

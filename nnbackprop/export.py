@@ -38,22 +38,24 @@ class Exported:
 
 def checked_torch_model(model: Module, input_shape: tuple[int, ...], *, batch: int = 4, seed: int = 0
                         ) -> torch.nn.Module:
-    """``to_torch(model)`` in float32 evaluation mode, after checking that it computes what ``model`` does on a batch
-    of random inputs of ``input_shape``.
+    """``to_torch(model)`` (in ``model``'s train/eval mode, dtype and device), after checking in evaluation mode that it
+    computes what ``model`` does on a batch of random inputs of ``input_shape``; ``model`` is left as it was.
 
     Raises:
         ConfigError: naming the layer that has no torch.nn equivalent, or saying how far the conversion is off.
     """
-    model = model.float().eval()
+    training = model.training
     try:
-        converted = to_torch(model).float().eval()
+        converted = to_torch(model).eval()
     except Exception as error:  # a user's layer whose own conversion fails
         raise ConfigError(f"the model cannot be converted to torch.nn ({gist(error)}); give the layer that fails a "
                           "to_torch() method returning its torch.nn equivalent") from error
+    parameter = next(model.parameters())
     x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(seed))
-    x = x.to(next(model.parameters()).device)
+    x = x.to(parameter.device, parameter.dtype)
     with torch.no_grad():
-        ours = model(x)
+        ours = model.eval()(x)
+        model.train(training)
         try:
             theirs = converted(x)
         except Exception as error:  # a forward that needs what a torch.nn module does not have
@@ -63,7 +65,7 @@ def checked_torch_model(model: Module, input_shape: tuple[int, ...], *, batch: i
     if not error <= TOLERANCE:
         raise ConfigError(f"the model's torch.nn conversion computes something else (relative difference "
                           f"{error:.1e}); give the layers with their own forward a to_torch() method")
-    return converted
+    return converted.train(training)
 
 
 def export_run(run: str | Path, fmt: str, out: str | Path | None = None, model: str | None = None) -> Exported:
@@ -87,7 +89,7 @@ def export_run(run: str | Path, fmt: str, out: str | Path | None = None, model: 
     rebuilt, _, checkpoint = load_model(checkpoint_path, "cpu", model)
     data = checkpoint["data"]
     shape = tuple(data["input_shape"])
-    converted = checked_torch_model(rebuilt, shape)
+    converted = checked_torch_model(rebuilt.float(), shape).eval()
     example = (torch.zeros(2, *shape),)  # a batch of 1 would be specialised to 1
     batch = torch.export.Dim("batch")
     try:

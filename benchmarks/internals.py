@@ -1,0 +1,20 @@
+"""The benchmarks' only imports of nnbackprop internals; everything else they use is public (``import nnbackprop as
+nb``). When the library moves one of these, repoint it here and nowhere else.
+"""
+
+from nnbackprop.diagnostics import Diagnostics
+from nnbackprop.distributed import (DistContext, all_reduce_mean_hook, broadcast_module, cleanup, init_distributed,
+                                    local_batch_size)
+from nnbackprop.errors import ConfigError, NNBackpropError
+from nnbackprop.export import checked_torch_model
+from nnbackprop.files import WriteError, write_text
+from nnbackprop.gradcheck import TOLERANCES
+from nnbackprop.build import build_loss, build_model, build_optimizer, build_scheduler
+from nnbackprop.training import Run, train_epoch
+from nnbackprop.user_model import model_from_file
+
+__all__ = [
+    "TOLERANCES", "ConfigError", "Diagnostics", "NNBackpropError", "checked_torch_model", "DistContext", "WriteError", "all_reduce_mean_hook", "broadcast_module",
+    "Run", "build_loss", "build_model", "build_optimizer", "build_scheduler", "cleanup", "init_distributed",
+    "local_batch_size", "model_from_file", "train_epoch", "write_text",
+]
