@@ -197,19 +197,27 @@ def test_a_checkpoint_without_cuda_random_state_resumes(tmp_path, real_checkpoin
     assert [m.epoch for m in result.history] == [1, 2]
 
 
-@pytest.mark.parametrize("edit, words", [
-    (lambda c: c["early_stopping"].__setitem__("best_loss", float("nan")), "its early_stopping is malformed"),
-    (lambda c: c["rng"].__setitem__("torch", c["rng"]["torch"].float()), "its rng is malformed"),
-    (lambda c: c["rng"].__setitem__("generators", [c["rng"]["generators"][0].double()]), "its rng is malformed"),
-    (lambda c: c.__setitem__("scheduler", {"garbage": 1}), "its learning-rate schedule state is not this run's"),
-    (lambda c: c["scheduler"].__setitem__("last_epoch", "ten"), "(scheduler.last_epoch differs"),
+@pytest.mark.parametrize("edit, words, read", [
+    (lambda c: c["early_stopping"].__setitem__("best_loss", float("nan")), "its early_stopping is malformed", True),
+    (lambda c: c["rng"].__setitem__("torch", c["rng"]["torch"].float()), "its rng is malformed", True),
+    (lambda c: c["rng"].__setitem__("generators", [c["rng"]["generators"][0].double()]), "its rng is malformed",
+     True),
+    (lambda c: c.__setitem__("scheduler", {"garbage": 1}), "its learning-rate schedule state is not this run's", False),
+    (lambda c: c["scheduler"].__setitem__("last_epoch", "ten"), "(scheduler.last_epoch differs", False),
     (lambda c: c["scheduler"]["_schedulers"][1].__setitem__("base_lrs", None),
-     "(scheduler._schedulers[1].base_lrs differs"),
-    (lambda c: c["scheduler"].__setitem__("_schedulers", []), "(scheduler._schedulers differs"),
+     "(scheduler._schedulers[1].base_lrs differs", False),
+    (lambda c: c["scheduler"].__setitem__("_schedulers", []), "(scheduler._schedulers differs", False),
 ], ids=["best-loss-nan", "rng-float", "generator-double", "scheduler-keys", "scheduler-epoch-text",
         "scheduler-no-lrs", "scheduler-parts"])
-def test_a_crafted_checkpoint_with_a_valid_hash_is_refused_in_one_line(tmp_path, real_checkpoint, edit, words):
+def test_a_crafted_checkpoint_with_a_valid_hash_is_refused_in_one_line(tmp_path, real_checkpoint, edit, words, read):
+    """Refused where it is met: a field of the wrong type by every reader (``load_checkpoint``: evaluate, predict
+    and resume alike), a schedule state that is not this run's when the run is rebuilt to resume."""
     with pytest.raises(CheckpointError) as info:
         _resume_crafted(tmp_path, real_checkpoint, edit)
     message = str(info.value)
     assert words in message and str(tmp_path / "checkpoint.pt") in message and "\n" not in message
+    if read:
+        with pytest.raises(CheckpointError, match=words):
+            load_checkpoint(tmp_path / "checkpoint.pt")
+    else:
+        load_checkpoint(tmp_path / "checkpoint.pt")
