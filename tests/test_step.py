@@ -755,3 +755,25 @@ def test_a_replay_after_load_state_dict_continues_from_the_loaded_state() -> Non
     expected = [reference_step(x, y) for x, y in batches[4:]]
     _assert_same_training((reference, reference_optimizer, expected), (model, optimizer, replayed), torch.float32)
     assert _max_relative(elsewhere, model.state_dict()) > 1e-4  # the run before the load went elsewhere
+
+
+def test_bf16_batch_norm_keeps_float32_running_averages_and_evaluates_in_bf16() -> None:
+    """The running averages are a layer's state, not the optimizer's: they stay float32 (as the master weights),
+    and the normalisation of an evaluation computes in the layers' dtype, as in training."""
+    model = _model(torch.float32, batchnorm=True, dropout=0.1)
+    step = FastStep(model, CrossEntropyLoss(), Adam(model.parameters(), lr=1e-3), dtype=BF16)
+    batches = _bf16_batches(4)
+    for x, y in batches:
+        step(x, y)
+    running = {name: b for name, b in model.named_buffers() if b.is_floating_point()}
+    assert running and all(b.dtype == torch.float32 for b in running.values())
+    assert not torch.equal(running["2.running_mean"], torch.zeros_like(running["2.running_mean"]))
+    scores = evaluate(model, CrossEntropyLoss(), batches)
+    assert 0 < scores.loss < 10
+    with torch.no_grad():
+        output = model.eval()(batches[0][0])
+    assert output.dtype == BF16
+    reference = _model(torch.float32, batchnorm=True, dropout=0.1).to(BF16)  # the same model, all in bf16
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(reference.eval()(batches[0][0]), output)

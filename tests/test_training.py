@@ -492,3 +492,22 @@ def test_a_model_that_is_not_an_nnbackprop_module_is_one_line(model, words):
         train(BASE, model=model, data=toy_data())
     assert "train(model=...) takes an nnbackprop Module" in str(info.value) and words in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_a_mixed_precision_run_with_batch_norm_trains_resumes_and_evaluates(tmp_path):
+    config = BASE.replace(epochs=3, dtype="bfloat16", batchnorm=True, dropout=0.1, optimizer="adam", lr=1e-2,
+                          patience=5)
+    data = toy_data()
+    straight = train(config, data=data, out_dir=tmp_path / "straight")
+    assert straight.summary["step"] == "FastStep" and straight.test_accuracy > 0.8
+    with pytest.raises(KeyboardInterrupt):
+        train(config, data=toy_data(), out_dir=tmp_path / "resumed", callback=KillAt(epoch=2, step=5))
+    resumed = train(config, data=toy_data(), out_dir=tmp_path / "resumed", resume=True)
+    assert losses(resumed.history) == losses(straight.history)
+    a, b = (load_checkpoint(tmp_path / d) for d in ("straight", "resumed"))
+    assert_same_weights(a["model"], b["model"])
+    assert all(a["model"][name].dtype == torch.float32 for name, _ in straight.model.named_parameters())
+    model, loss_fn, _ = load_model(tmp_path / "straight")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    test = make_loader(data.test, 1000, mean=data.mean, std=data.std, dtype=torch.bfloat16)
+    assert evaluate(model, loss_fn, test).accuracy == straight.test_accuracy
