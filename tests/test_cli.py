@@ -520,11 +520,11 @@ def test_tf32_on_a_machine_without_cuda_is_one_line(tmp_path, mnist_dir, capsys,
 
 def test_a_model_too_large_for_memory_is_refused_before_it_is_built(tmp_path, mnist_dir, capsys):
     code, out, err = run(capsys, "train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--epochs", "1",
-                         "--out", str(tmp_path / "run"), *SMALL, "--hidden", "200000,200000")
+                         "--out", str(tmp_path / "run"), *SMALL, "--hidden", "1000000,1000000")  # 12 TB
     assert code == 2 and len(err.splitlines()) == 1, err
-    assert re.match(r"nnbackprop: error: the model has 40,159,\d{3},\d{3} parameters, which with their gradients and "
-                    r"optimizer state need about \d+\.\d GiB, more than the \d+\.\d GiB of cpu; use smaller --hidden "
-                    "widths$", err), err
+    assert re.match(r"nnbackprop: error: the model has 1,000,\d{3},\d{3},\d{3} parameters, which with their gradients "
+                    r"and optimizer state need about \d+\.\d GiB, more than the \d+\.\d GiB of cpu; use smaller "
+                    "--hidden widths$", err), err
 
 
 def test_evaluate_with_data_dir_on_an_image_folder_run_is_one_line(pets_run, tmp_path, capsys):
