@@ -380,8 +380,8 @@ def test_fast_step_names_a_dropout_generator_on_another_device_and_make_step_fal
 BF16 = torch.bfloat16
 
 
-def _bf16_batches(n: int, sizes: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [(x.to(BF16), y) for x, y in _batches(torch.float32, sizes=[sizes] * n)]
+def _bf16_batches(n: int, size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x.to(BF16), y) for x, y in _batches(torch.float32, sizes=[size] * n)]
 
 
 def test_bf16_fast_step_computes_in_bf16_and_updates_float32_master_weights() -> None:
