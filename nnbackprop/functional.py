@@ -184,7 +184,8 @@ def batchnorm_forward(
 
     Training: ``μ = mean_n x``, ``σ² = mean_n (x − μ)²`` (biased), ``x̂ = (x − μ) / √(σ² + ε)``, ``out = γ x̂ + β``; the
     running averages move as ``r ← (1 − momentum) r + momentum · stat`` with the *unbiased* variance, in place.
-    Evaluation: ``x̂`` uses the running averages instead. Returns ``out``, ``x̂`` and ``1/√(σ² + ε)`` for backward.
+    Evaluation: ``x̂`` uses the running averages instead, in ``x``'s dtype (under mixed precision they are kept in
+    float32). Returns ``out``, ``x̂`` and ``1/√(σ² + ε)`` for backward.
     """
     if training:
         n = x.shape[0]

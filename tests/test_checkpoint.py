@@ -157,3 +157,67 @@ def test_a_malformed_structure_is_one_line(tmp_path, edit, message):
     with pytest.raises(CheckpointError, match=message) as info:
         load_checkpoint(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------------------------- crafted checkpoints
+
+
+CRAFTED = TrainConfig(dataset="toy", hidden=(16,), dropout=0.1, epochs=2, batch_size=32, lr=0.05, schedule="cosine",
+                      warmup_epochs=0.5, device="cpu", log_every=4, patience=3)
+
+
+@pytest.fixture(scope="module")
+def real_checkpoint(tmp_path_factory):
+    """The checkpoint of a real run stopped after its first epoch, to edit and write back with a valid hash."""
+    from test_training import Recorder, toy_data
+
+    from nnbackprop.training import train
+
+    out = tmp_path_factory.mktemp("real")
+    with pytest.raises(KeyboardInterrupt):
+        train(CRAFTED, data=toy_data(), out_dir=out, callback=Recorder(stop_after=1))
+    return load_checkpoint(out)
+
+
+def _resume_crafted(tmp_path, real_checkpoint, edit):
+    """Write ``real_checkpoint`` edited by ``edit`` (with its hash) into a run folder and resume it for a second
+    epoch."""
+    from test_training import toy_data
+
+    from nnbackprop.training import train
+
+    checkpoint = copy.deepcopy(real_checkpoint)
+    edit(checkpoint)
+    save_checkpoint(tmp_path / "checkpoint.pt", checkpoint)
+    return train(CRAFTED, data=toy_data(), out_dir=tmp_path, resume=True)
+
+
+def test_a_checkpoint_without_cuda_random_state_resumes(tmp_path, real_checkpoint):
+    result = _resume_crafted(tmp_path, real_checkpoint, lambda c: c["rng"].pop("cuda"))
+    assert [m.epoch for m in result.history] == [1, 2]
+
+
+@pytest.mark.parametrize("edit, words, read", [
+    (lambda c: c["early_stopping"].__setitem__("best_loss", float("nan")), "its early_stopping is malformed", True),
+    (lambda c: c["rng"].__setitem__("torch", c["rng"]["torch"].float()), "its rng is malformed", True),
+    (lambda c: c["rng"].__setitem__("generators", [c["rng"]["generators"][0].double()]), "its rng is malformed",
+     True),
+    (lambda c: c.__setitem__("scheduler", {"garbage": 1}), "its learning-rate schedule state is not this run's", False),
+    (lambda c: c["scheduler"].__setitem__("last_epoch", "ten"), "(scheduler.last_epoch differs", False),
+    (lambda c: c["scheduler"]["_schedulers"][1].__setitem__("base_lrs", None),
+     "(scheduler._schedulers[1].base_lrs differs", False),
+    (lambda c: c["scheduler"].__setitem__("_schedulers", []), "(scheduler._schedulers differs", False),
+], ids=["best-loss-nan", "rng-float", "generator-double", "scheduler-keys", "scheduler-epoch-text",
+        "scheduler-no-lrs", "scheduler-parts"])
+def test_a_crafted_checkpoint_with_a_valid_hash_is_refused_in_one_line(tmp_path, real_checkpoint, edit, words, read):
+    """Refused where it is met: a field of the wrong type by every reader (``load_checkpoint``: evaluate, predict
+    and resume alike), a schedule state that is not this run's when the run is rebuilt to resume."""
+    with pytest.raises(CheckpointError) as info:
+        _resume_crafted(tmp_path, real_checkpoint, edit)
+    message = str(info.value)
+    assert words in message and str(tmp_path / "checkpoint.pt") in message and "\n" not in message
+    if read:
+        with pytest.raises(CheckpointError, match=words):
+            load_checkpoint(tmp_path / "checkpoint.pt")
+    else:
+        load_checkpoint(tmp_path / "checkpoint.pt")

@@ -6,8 +6,11 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -483,3 +486,176 @@ def test_ten_classes_predict_three_and_evaluate_numbers_the_columns(tmp_path, mn
     code, stdout, err = run(capsys, "evaluate", str(out_dir), "--dataset", "fashion-mnist", "--data-dir",
                             str(mnist_dir))
     assert code == 2 and len(err.splitlines()) == 1 and "'T-shirt/top'" in err and "'0 - zero'" in err
+
+
+# ------------------------------------------------------------------------------------------------------ one line each
+
+
+def test_resume_and_overwrite_together_are_refused(tmp_path, mnist_dir, capsys):
+    code, out, err = run(capsys, "train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--epochs", "1",
+                         "--out", str(tmp_path / "run"), *SMALL, "--resume", "--overwrite")
+    assert code == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert err.startswith("nnbackprop: error: --resume continues the run in --out and --overwrite starts it afresh")
+    assert not (tmp_path / "run").exists()
+
+
+def test_options_need_their_full_names(tmp_path, capsys):
+    code, out, err = run(capsys, "train", "--epoch", "1", "--out", str(tmp_path / "run"))
+    assert code == 2 and err == "nnbackprop: error: unrecognized arguments: --epoch 1\n"
+    code, out, err = run(capsys, "evaluate", str(tmp_path), "--batch", "10")
+    assert code == 2 and err == "nnbackprop: error: unrecognized arguments: --batch 10\n"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("fast, message", [
+    ([], "FastStep: tf32 and cuda_graph need the model on a CUDA device, it is on cpu"),
+    (["--no-fast"], "tf32 need the fast step, which cannot run here (fast=False)"),
+])
+def test_tf32_on_a_machine_without_cuda_is_one_line(tmp_path, mnist_dir, capsys, fast, message):
+    code, out, err = run(capsys, "train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--epochs", "1",
+                         "--out", str(tmp_path / "run"), *SMALL, "--tf32", *fast)
+    assert code == 2 and err == f"nnbackprop: error: {message}\n"
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_a_model_too_large_for_memory_is_refused_before_it_is_built(tmp_path, mnist_dir, capsys):
+    code, out, err = run(capsys, "train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--epochs", "1",
+                         "--out", str(tmp_path / "run"), *SMALL, "--hidden", "1000000,1000000")  # 12 TB
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert re.match(r"nnbackprop: error: the model has 1,000,\d{3},\d{3},\d{3} parameters, which with their gradients "
+                    r"and optimizer state need about \d+\.\d GiB, more than the \d+\.\d GiB of cpu; use smaller "
+                    "--hidden widths$", err), err
+
+
+def test_evaluate_with_data_dir_on_an_image_folder_run_is_one_line(pets_run, tmp_path, capsys):
+    _, out = pets_run
+    code, stdout, err = run(capsys, "evaluate", str(out), "--data-dir", str(tmp_path))
+    assert code == 2 and stdout == "" and len(err.splitlines()) == 1, err
+    assert "--data-dir finds a named data set (mnist, ...)" in err and "pass --dataset imagefolder:PATH" in err
+
+
+# ------------------------------------------------------------------------------------------------------ stopping
+
+
+def _train_process(out, data_dir, *extra: str, env: dict | None = None) -> subprocess.Popen:
+    """``nnbackprop train`` in a process of its own (Python's own Ctrl-C handler installed even where the test runner
+    ignores SIGINT), its output line by line."""
+    launcher = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                "from nnbackprop.cli import main; sys.exit(main())")
+    command = [sys.executable, "-c", launcher, "train", "--dataset", "mnist", "--data-dir", str(data_dir),
+               "--out", str(out), *SMALL, *extra]
+    return subprocess.Popen(command, cwd=ROOT, env={**subprocess_env(), "PYTHONUNBUFFERED": "1", **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> tuple[int, str]:
+    try:
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return proc.returncode, err
+
+
+def _wait_for_line(proc: subprocess.Popen, pattern: str) -> None:
+    """Read the process's output until a line matches ``pattern`` (or it ends); a process that says nothing for
+    five minutes is killed."""
+    watchdog = threading.Timer(300, proc.kill)
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            if re.match(pattern, line):
+                return
+    finally:
+        watchdog.cancel()
+
+
+def test_sigterm_stops_a_run_with_one_line_saying_how_to_resume_it(tmp_path, mnist_dir):
+    from nnbackprop.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    proc = _train_process(out, mnist_dir, "--epochs", "100000", "--diagnostics", "off")
+    _wait_for_line(proc, r"epoch +1/100000 \| ")
+    proc.send_signal(signal.SIGTERM)
+    code, err = _finish(proc)
+    assert code == 143, err
+    assert err == f"nnbackprop: terminated (SIGTERM); continue from the last finished epoch with --resume --out {out}\n"
+    assert load_checkpoint(out)["epoch"] >= 1
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+WAITING_MODEL = '''
+import pathlib, time
+import nnbackprop as nb
+
+
+def build(in_features, num_classes):
+    pathlib.Path(__file__).with_name("building").touch()
+    time.sleep(600)
+'''
+
+
+def test_ctrl_c_before_any_checkpoint_gives_no_resume_hint(tmp_path, mnist_dir):
+    model_file = tmp_path / "slow.py"
+    model_file.write_text(WAITING_MODEL)
+    proc = _train_process(tmp_path / "run", mnist_dir, "--model", f"{model_file}:build")
+    try:
+        for _ in range(3000):  # the model is being built: no epoch, no checkpoint yet
+            if (tmp_path / "building").exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+    finally:
+        code, err = _finish(proc)
+    assert code == 130 and err == "nnbackprop: interrupted\n", err
+
+
+EXITING_MODELS = '''
+import sys
+import nnbackprop as nb
+
+
+def exits():
+    sys.exit(0)
+
+
+def interrupted():
+    raise KeyboardInterrupt
+
+
+def too_many(in_features):
+    return nb.Sequential(nb.Flatten(), nb.Linear(in_features, 13))
+
+
+def wrong_input():
+    return nb.Sequential(nb.Flatten(), nb.Linear(50, 10))
+'''
+
+
+@pytest.mark.parametrize("source, function, message", [
+    ("import sys\nsys.exit(0)\n", "build", r"importing \S+ failed: SystemExit\(0\) \(it called sys.exit; a model file "
+     r"must only define the model\)$"),
+    (EXITING_MODELS, "exits", r"exits\(\) raised SystemExit\(0\) \(it called sys.exit"),
+    (EXITING_MODELS, "too_many", r"returns outputs of shape \(13,\) per example, but this data set needs 10 outputs, "
+     r"one per class: give its last layer 10 outputs$"),
+    (EXITING_MODELS, "wrong_input", r"does not take this data set's images of shape \(1, 28, 28\): Linear\(.*expected "
+     r"50 input features"),
+], ids=["exit-at-import", "exit-in-function", "too-many-outputs", "wrong-input"])
+def test_a_model_file_that_exits_or_does_not_fit_is_one_line(tmp_path, mnist_dir, capsys, source, function, message):
+    (tmp_path / "net.py").write_text(source)
+    code, out, err = run(capsys, "train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--model",
+                         f"{tmp_path / 'net.py'}:{function}", "--out", str(tmp_path / "run"), *SMALL)
+    assert code == 2 and len(err.splitlines()) == 1 and err.startswith("nnbackprop: error: "), err
+    assert re.search(message, err.rstrip("\n")), err
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+@pytest.mark.parametrize("where", ["import", "function"])
+def test_a_keyboard_interrupt_in_a_model_file_gives_no_resume_hint(tmp_path, mnist_dir, capsys, where):
+    source = "raise KeyboardInterrupt\n" if where == "import" else EXITING_MODELS
+    (tmp_path / "net.py").write_text(source)
+    function = "build" if where == "import" else "interrupted"
+    code, out, err = run(capsys, "train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--model",
+                         f"{tmp_path / 'net.py'}:{function}", "--out", str(tmp_path / "run"), *SMALL)
+    assert code == 130 and err == "nnbackprop: interrupted\n", err

@@ -293,6 +293,7 @@ def test_bad_device(no_torchrun_env: pytest.MonkeyPatch) -> None:
             init_distributed("cuda")
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_rank_device(no_torchrun_env: pytest.MonkeyPatch) -> None:
     assert init_distributed("auto").device == torch.device("cuda")

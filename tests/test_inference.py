@@ -224,3 +224,33 @@ def test_a_missing_or_empty_folder_is_one_line(run, tmp_path):
     with pytest.raises(DatasetNotFoundError) as error:
         evaluate_checkpoint(out, dataset=f"imagefolder:{tmp_path / 'empty'}", device="cpu")
     assert len(str(error.value).splitlines()) == 1 and str(tmp_path / "empty") in str(error.value)
+
+
+# ------------------------------------------------------------------------------------------------------ readers
+
+
+def _snapshot(folder: Path) -> dict:
+    """Every file under ``folder`` with its bytes and modification time, and the folders' modification times (a
+    file written and removed again shows there)."""
+    return {str(path.relative_to(folder)): (path.read_bytes() if path.is_file() else None, path.stat().st_mtime_ns)
+            for path in [folder, *sorted(folder.rglob("*"))]}
+
+
+def test_reading_a_run_changes_nothing_in_its_folder(run, pets, tmp_path):
+    """load_model, evaluate_checkpoint and predict_files read: even a run whose metrics are behind its checkpoint and
+    that has a killed writer's temporary file is left as it is, byte for byte and time for time (the next training
+    run repairs it)."""
+    original, _ = run
+    out = tmp_path / "run"
+    shutil.copytree(original, out)
+    metrics = out / "metrics.jsonl"
+    metrics.write_text(metrics.read_text().splitlines(keepends=True)[0])
+    (out / ".checkpoint.pt.k1ll3d.tmp").write_bytes(b"half a checkpoint")
+    before, data_before = _snapshot(out), _snapshot(pets)
+    load_model(out)
+    load_model(out / "checkpoint.pt")
+    evaluate_checkpoint(out, device="cpu")
+    evaluate_checkpoint(out, dataset=f"imagefolder:{pets}", device="cpu")
+    predict_files(out, [pets / "cats" / "0.png"], device="cpu")
+    assert _snapshot(out) == before
+    assert _snapshot(pets) == data_before

@@ -8,7 +8,7 @@ from typing import Callable
 
 import pytest
 import torch
-from conftest import assert_passed, make_input
+from conftest import CUDA, assert_passed, make_input
 
 from nnbackprop import (GELU, BatchNorm1d, Dropout, Flatten, LeakyReLU, Linear, Module, ReLU, Sigmoid, Tanh,
                         check_gradients, check_gradients_fd, to_torch)
@@ -197,3 +197,18 @@ def test_dropout_limits(p: float, training: bool, expected: str) -> None:
     assert torch.equal(layer(x), target)
     dout = torch.randn(6, 4)
     assert torch.equal(layer.backward(dout), dout if expected == "input" else torch.zeros_like(dout))
+
+
+@pytest.mark.parametrize("device", ["meta", pytest.param("cuda", marks=[CUDA, pytest.mark.cuda])])
+def test_dropout_draws_on_its_generators_device_and_masks_on_the_inputs(device: str) -> None:
+    """A CPU generator (a run's seeded one) and an input elsewhere: the draws come from the generator, the mask
+    multiplies the input where it is."""
+    layer = Dropout(0.5, generator=torch.Generator().manual_seed(0))
+    x = torch.ones(8, 6, device=device)
+    out = layer(x)
+    assert out.device == x.device and out.shape == x.shape
+    dx = layer.backward(torch.ones_like(out))
+    assert dx.device == x.device
+    if device != "meta":  # the same mask as on the CPU, from the same draws
+        cpu = Dropout(0.5, generator=torch.Generator().manual_seed(0))(torch.ones(8, 6))
+        assert torch.equal(out.cpu(), cpu) and torch.equal(dx.cpu(), cpu)

@@ -101,6 +101,7 @@ def test_sharding_arguments_are_checked():
         ShardedBatchSampler(100, 0)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_device_loader_on_cuda_matches_cpu():
     data = indexed_data(50, channels=3)

@@ -192,7 +192,7 @@ def test_to_dtype_casts_parameters_gradients_and_float_buffers() -> None:
         model.to(dtype=torch.int64)
 
 
-@pytest.mark.parametrize("target", ["meta", pytest.param("cuda", marks=CUDA)])
+@pytest.mark.parametrize("target", ["meta", pytest.param("cuda", marks=[CUDA, pytest.mark.cuda])])
 def test_to_device_moves_parameters_gradients_and_buffers(target: str) -> None:
     model, x = _build("depth3-batchnorm")
     _forward_backward(model, x, torch.tensor([0, 1, 2, 0, 1, 2]))

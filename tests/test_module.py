@@ -3,11 +3,15 @@ free, hooks, and parameters that are tensors whose gradients accumulate."""
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import assert_failed, assert_passed
 from user_layers import Scale
 
+import nnbackprop
 from nnbackprop import Linear, Parameter, ReLU, Sequential, check_gradients, check_gradients_fd
 
 F64 = torch.float64
@@ -143,3 +147,125 @@ def test_second_order_use_is_refused_in_one_line():
     loss_fn(torch.randn(2, 3), torch.tensor([0, 2]))
     with pytest.raises(ValueError, match="second-order"):
         loss_fn.backward(torch.ones((), requires_grad=True))
+
+
+# ---------------------------------------------------------------------------------------------------- encapsulation
+
+PACKAGE = Path(nnbackprop.__file__).parent
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _root(node: ast.AST) -> ast.AST:
+    while isinstance(node, (ast.Attribute, ast.Subscript, ast.Call)):
+        node = node.func if isinstance(node, ast.Call) else node.value
+    return node
+
+
+def _is_self(node: ast.AST) -> bool:
+    return isinstance(node, ast.Name) and node.id in ("self", "cls")
+
+
+def _own_dict(node: ast.AST, aliases: set[str]) -> bool:
+    """``self.__dict__``, or a name bound to it (``state = self.__dict__``)."""
+    return (isinstance(node, ast.Attribute) and node.attr == "__dict__" and _is_self(node.value)) or (
+        isinstance(node, ast.Name) and node.id in aliases)
+
+
+def _foreign_dict(node: ast.AST) -> bool:
+    """``obj.__dict__`` of an object other than ``self``."""
+    return isinstance(node, ast.Attribute) and node.attr == "__dict__" and not _is_self(node.value)
+
+
+def private_access_problems(source: str, filename: str) -> list[str]:
+    """Where a module of the package reaches into another object's private state that it does not define itself:
+    ``obj._name`` (``obj`` not ``self``), a write through ``obj.__dict__[...]`` or ``obj.__dict__.update(...)``,
+    ``getattr``/``setattr(obj, "_name")``, or a private name imported from another module of the package. A name is
+    the file's own when it is set on ``self`` there, assigned or defined in one of its class bodies, or set through
+    ``self.__dict__``. Private names of other libraries (``torch._C``) are their business, not checked here."""
+    tree = ast.parse(source, filename)
+    external: set[str] = set()
+    aliases: set[str] = set()
+    own: set[str] = set()
+    problems: list[str] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            external.update((alias.asname or alias.name).split(".")[0] for alias in node.names
+                            if not alias.name.startswith("nnbackprop"))
+        elif isinstance(node, ast.ImportFrom):
+            ours = (node.module or "").startswith("nnbackprop") or node.level > 0
+            if ours:
+                problems += [f"{filename}:{node.lineno}: imports {alias.name} from {node.module}"
+                             for alias in node.names if _private(alias.name)]
+            else:
+                external.update(alias.asname or alias.name for alias in node.names)
+        elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Attribute) and _own_dict(node.value, set()):
+            aliases.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.ClassDef):
+            for item in node.body:
+                if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    own.add(item.name)
+                targets = item.targets if isinstance(item, ast.Assign) else [item.target] if isinstance(
+                    item, ast.AnnAssign) else []
+                own.update(t.id for t in targets if isinstance(t, ast.Name))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _is_self(node.value) and isinstance(node.ctx, ast.Store):
+            own.add(node.attr)
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "update" \
+                and _own_dict(node.func.value, aliases):
+            own.update(k.arg for k in node.keywords if k.arg)
+        elif isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Store) and _own_dict(node.value, aliases) \
+                and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
+            own.add(node.slice.value)
+
+    def check(name: str, obj: ast.AST, line: int, how: str) -> None:
+        root = _root(obj)
+        if _private(name) and name not in own and not _is_self(obj) and not (
+                isinstance(root, ast.Name) and root.id in external):
+            problems.append(f"{filename}:{line}: {how} {name} of {ast.unparse(obj)}")
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr != "__dict__":
+            check(node.attr, node.value, node.lineno, "reads or writes")
+        if isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Store) and _foreign_dict(node.value) \
+                and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str):
+            check(node.slice.value, node.value.value, node.lineno, "writes through __dict__")
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "update" \
+                and _foreign_dict(node.func.value):
+            for keyword in node.keywords:
+                check(keyword.arg or "", node.func.value.value, node.lineno, "writes through __dict__")
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in (
+                "getattr", "setattr", "hasattr", "delattr") and len(node.args) >= 2 \
+                and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str):
+            check(node.args[1].value, node.args[0], node.lineno, f"{node.func.id}")
+    return problems
+
+
+def test_no_module_of_the_package_reaches_into_another_objects_private_state():
+    problems = [problem for path in sorted(PACKAGE.glob("*.py"))
+                for problem in private_access_problems(path.read_text(), path.name)]
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("source", [
+    "def bind(p, grad):\n    p._grad_view = grad\n",
+    "def release(model):\n    model._release_saved()\n",
+    "def unbind(m):\n    m.__dict__.update(_workspace=None, _scratch={})\n",
+    "def unbind(m):\n    m.__dict__['_workspace'] = None\n",
+    "def peek(o):\n    return getattr(o, '_flat', None)\n",
+    "from nnbackprop.layout import _check_flat\n",
+], ids=["attribute", "method", "dict-update", "dict-item", "getattr", "import"])
+def test_the_encapsulation_check_finds_reaching_in(source):
+    assert private_access_problems(source, "x.py")
+
+
+@pytest.mark.parametrize("source", [
+    "import torch\ntorch._C._cuda_endAllocateToPool(0, None)\n",
+    "class A:\n    def __init__(self):\n        self._x = 1\n\n    def same(self, other):\n        return other._x\n",
+    "class A:\n    def __init__(self):\n        state = self.__dict__\n        state.update(_saved=None)\n\n"
+    "    def release(self, others):\n        for m in others:\n            m.__dict__['_saved'] = None\n",
+], ids=["other-library", "same-class", "same-class-dict"])
+def test_the_encapsulation_check_leaves_a_classs_own_state_and_other_libraries_alone(source):
+    assert private_access_problems(source, "x.py") == []

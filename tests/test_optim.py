@@ -155,3 +155,35 @@ def test_step_hooks_run_and_gradients_are_left_alone() -> None:
 def test_invalid_arguments_say_which(make, message) -> None:
     with pytest.raises(ValueError, match=message):
         make(_params())
+
+
+@pytest.mark.parametrize("ours", [Adam, AdamW])
+def test_adam_on_bfloat16_parameters_keeps_float32_hyperparameters_and_step(ours) -> None:
+    """In bf16, β2 = 0.999 rounds to 1 (Adam's second moment would never move and its bias correction divide by zero)
+    and a step counter stops at 256: both live in float32, as torch's do."""
+    params = [Parameter(p.detach().to(torch.bfloat16)) for p in _params()]
+    optimizer = ours(params, lr=1e-3)
+    grads = _gradients(300)
+    for t, step_grads in enumerate(grads):
+        for p, grad in zip(params, step_grads):
+            p.grad = grad.to(torch.bfloat16)
+        optimizer.step()
+        if t == 0:
+            assert all(bool(p.isfinite().all()) for p in params), "NaN after one step"
+            scalars = [t for _, tensors in optimizer._scalar_tensors.values() for t in tensors]
+            assert scalars and {t.dtype for t in scalars} == {torch.float32}
+            beta2 = optimizer._scalar_tensors[next(iter(optimizer._scalar_tensors))][1][2]
+            assert beta2.item() == pytest.approx(0.999)
+    assert all(bool(p.isfinite().all()) and p.dtype == torch.bfloat16 for p in params)
+    for p in params:
+        state = optimizer.state[p]
+        assert state["step"].dtype == torch.float32 and state["step"].item() == 300
+        assert state["exp_avg"].dtype == torch.bfloat16  # the moments are the parameter's, as in torch
+    reference = [torch.nn.Parameter(p.detach().to(torch.bfloat16)) for p in _params()]
+    torch_optimizer = (torch.optim.Adam if ours is Adam else torch.optim.AdamW)(reference, lr=1e-3)
+    for step_grads in grads:
+        for p, grad in zip(reference, step_grads):
+            p.grad = grad.to(torch.bfloat16)
+        torch_optimizer.step()
+    for a, b in zip(params, reference):  # torch's Adam on bf16 parameters, to bf16 rounding
+        torch.testing.assert_close(a.float(), b.detach().float(), rtol=1e-2, atol=1e-2)

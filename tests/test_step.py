@@ -12,9 +12,11 @@ import torch
 
 from nnbackprop import (BCEWithLogitsLoss, CrossEntropyLoss, Dropout, Flatten, GELU, LeakyReLU, Linear, MSELoss, ReLU,
                         Sequential, Tanh, make_step, mlp, to_torch)
-from nnbackprop.module import Module
+from nnbackprop.errors import BackwardError, ConfigError
+from nnbackprop.evaluation import evaluate
+from nnbackprop.module import Module, Parameter
 from nnbackprop.optim import SGD, Adam, AdamW
-from nnbackprop.step import FastStep, SimpleStep, num_correct
+from nnbackprop.step import FastStep, SimpleStep, forward_backward, num_correct, tf32
 from user_layers import Scale, Swish
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -334,7 +336,7 @@ def test_cuda_graph_matches_eager_fast_step() -> None:
     for lr, (x, y) in zip(lrs, batches):
         optimizer.param_groups[0]["lr"] = lr
         results.append(step(x, y))
-    assert len(step._graphs) == 2
+    assert step.graphs.num_graphs == 2 and step.graph_failure is None
     _assert_same_training(eager, (model, optimizer, results), torch.float32)
 
 
@@ -345,10 +347,433 @@ def test_cuda_precision_options_stay_close_to_float32(option: str) -> None:
     batches = _batches(torch.float32, device="cuda")
     plain = _train(FastStep, _model(torch.float32, "cuda"), CrossEntropyLoss(), batches)
     model = _model(torch.float32, "cuda")
-    tf32_before = torch.backends.cuda.matmul.allow_tf32
+    flags_before = _precision_flags()
     step = FastStep(model, CrossEntropyLoss(), SGD(model.parameters(), lr=0.1, momentum=0.9), **{option: True})
     results = [step(x, y) for x, y in batches]
-    assert torch.backends.cuda.matmul.allow_tf32 == tf32_before  # tf32 is scoped to the step
+    assert _precision_flags() == flags_before  # tf32 is scoped to the step
     assert _max_relative(plain[0].state_dict(), model.state_dict()) < 3e-2
     for (loss1, _), (loss2, _) in zip(plain[2], results):
         torch.testing.assert_close(loss2, loss1, rtol=3e-2, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ the devices of a model
+
+
+def test_fast_step_names_a_dropout_generator_on_another_device_and_make_step_falls_back() -> None:
+    model = _model(torch.float32, dropout=0.2)
+    for layer in model.modules():
+        if isinstance(layer, Dropout):
+            layer.generator = torch.Generator().manual_seed(0)  # on the CPU
+    assert FastStep.why_not(model) is None
+    model.to("meta")  # a model on another device than its dropout masks' generator: each step would wait for a copy
+    reason = FastStep.why_not(model)
+    assert reason is not None and "Dropout(p=0.2)" in reason and "cpu generator" in reason and "meta" in reason
+    optimizer = SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="draws its masks from a cpu generator"):
+        FastStep(model, CrossEntropyLoss(), optimizer)
+    step = make_step(model, CrossEntropyLoss(), optimizer)
+    assert type(step) is SimpleStep and step.fallback_reason == reason
+
+
+# ---------------------------------------------------------------------------------------- mixed precision (bf16)
+
+BF16 = torch.bfloat16
+
+
+def _bf16_batches(n: int, size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(x.to(BF16), y) for x, y in _batches(torch.float32, sizes=[size] * n)]
+
+
+def test_bf16_fast_step_computes_in_bf16_and_updates_float32_master_weights() -> None:
+    """The update, written out by hand: the gradient of the bf16 model, in float32, into float32 momentum and master
+    weights; the layers then compute with the master weights rounded to bf16. The learning rate is so small that
+    each update is below bf16's resolution of the weights: a bf16 update would leave them where they were."""
+    lr, mu = 1e-4, 0.9
+    model = _model(torch.float32)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = SGD(model.parameters(), lr=lr, momentum=mu)
+    step = FastStep(model, CrossEntropyLoss(), optimizer, dtype=BF16)
+    flat = step.layout.flat
+    assert all(p.dtype == BF16 and p.untyped_storage().data_ptr() == flat.data.untyped_storage().data_ptr()
+               for p in model.parameters())
+    assert flat.master.dtype == torch.float32 and flat.data.dtype == BF16
+    names = [name for name, _ in model.named_parameters()]
+    assert torch.equal(flat.master, torch.cat([initial[name].reshape(-1) for name in names]))
+
+    reference = _model(torch.float32).to(BF16)  # computes the gradient of the bf16 weights, as the step's layers do
+    master = {name: initial[name].clone() for name in names}
+    momentum: dict[str, torch.Tensor] = {}
+    batches = _bf16_batches(5)
+    for x, y in batches:
+        loss_sum, _ = step(x, y)
+        assert loss_sum.dtype == BF16
+        reference.load_state_dict({name: value.to(BF16) for name, value in master.items()})
+        reference.zero_grad()
+        forward_backward(reference, CrossEntropyLoss(), x, y)
+        for name, p in reference.named_parameters():
+            grad = p.grad.float()
+            momentum[name] = grad if name not in momentum else mu * momentum[name] + grad
+            master[name] = master[name] - lr * momentum[name]
+
+    state = step.model_state_dict()
+    for name, p in model.named_parameters():
+        assert state[name].dtype == torch.float32
+        torch.testing.assert_close(state[name], master[name], rtol=1e-6, atol=1e-8)
+        assert torch.equal(p, state[name].to(BF16))  # the layers compute with the master weights, rounded
+        assert optimizer.state[p]["momentum_buffer"].dtype == torch.float32
+    moved = torch.cat([(state[n] - initial[n]).reshape(-1) for n in names])
+    rounded_moved = torch.cat([(state[n].to(BF16).float() - initial[n].to(BF16).float()).reshape(-1) for n in names])
+    assert (moved != 0).float().mean() > 0.9  # the float32 master weights all moved ...
+    assert (rounded_moved == 0).float().mean() > 0.5  # ... by less than bf16 can show, for most of them
+
+
+def test_bf16_master_weights_are_what_a_checkpoint_keeps_and_loads_exactly() -> None:
+    model = _model(torch.float32)
+    step = FastStep(model, CrossEntropyLoss(), Adam(model.parameters(), lr=1e-3), dtype=BF16)
+    batches = _bf16_batches(6)
+    for x, y in batches[:3]:
+        step(x, y)
+    saved = step.model_state_dict()
+    assert all(value.dtype == torch.float32 for value in saved.values())
+    assert any(not torch.equal(value, value.to(BF16).float()) for value in saved.values())  # more than bf16 holds
+    for x, y in batches[3:]:
+        step(x, y)
+    assert any(not torch.equal(saved[k], v) for k, v in step.model_state_dict().items())
+    step.load_model_state_dict(saved)
+    restored = step.model_state_dict()
+    for name, p in model.named_parameters():
+        assert torch.equal(restored[name], saved[name])  # bit for bit, not via bf16
+        assert torch.equal(p, saved[name].to(BF16))
+
+
+def test_bf16_is_refused_where_there_are_no_master_weights() -> None:
+    model = _model(torch.float32)
+    with pytest.raises(ConfigError) as info:
+        make_step(model, CrossEntropyLoss(), SGD(model.parameters(), lr=0.1), fast=False, dtype=BF16)
+    assert "dtype need the fast step" in str(info.value) and "\n" not in str(info.value)
+    bf16_model = _model(torch.float32).to(BF16)
+    with pytest.raises(ConfigError) as info:
+        SimpleStep(bf16_model, CrossEntropyLoss(), SGD(bf16_model.parameters(), lr=0.1))
+    assert "master weights" in str(info.value) and "dtype=torch.bfloat16" in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("step_class", [SimpleStep, FastStep])
+def test_autocast_around_a_step_is_refused_in_one_line(step_class) -> None:
+    model = _model(torch.float32)
+    step = step_class(model, CrossEntropyLoss(), SGD(model.parameters(), lr=0.1))
+    x, y = _batches(torch.float32)[0]
+    before = model.state_dict()
+    with torch.autocast("cpu", dtype=BF16), pytest.raises(ConfigError) as info:
+        step(x, y)
+    message = str(info.value)
+    assert "torch.autocast" in message and "dtype=torch.bfloat16" in message and "\n" not in message
+    assert _max_relative(before, model.state_dict()) == 0
+    step(x, y)  # outside autocast it trains
+
+
+# ------------------------------------------------------------------------------------------------------------ TF32
+
+PRECISION_FLAGS = {"all": torch.backends, "cudnn": torch.backends.cudnn, "mkldnn": torch.backends.mkldnn,
+                   "matmul": torch.backends.cuda.matmul, "conv": getattr(torch.backends.cudnn, "conv", None),
+                   "rnn": getattr(torch.backends.cudnn, "rnn", None)}
+NEW_PRECISION_API = all(hasattr(b, "fp32_precision") for b in PRECISION_FLAGS.values())
+
+
+def _precision_flags() -> dict:
+    if NEW_PRECISION_API:
+        return {name: b.fp32_precision for name, b in PRECISION_FLAGS.items()}
+    return {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
+
+
+@pytest.fixture
+def precision_flags():
+    """torch's float32 precision settings, put back as they were after the test."""
+    matmul_precision, flags = torch.get_float32_matmul_precision(), _precision_flags()
+    yield
+    torch.set_float32_matmul_precision(matmul_precision)
+    for name, value in flags.items():
+        if NEW_PRECISION_API:
+            PRECISION_FLAGS[name].fp32_precision = value
+    if not NEW_PRECISION_API:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags["matmul"], flags["cudnn"]
+
+
+def _user_sets_new_api_tf32() -> None:
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+
+
+def _user_sets_new_api_ieee() -> None:
+    torch.backends.fp32_precision = "ieee"
+
+
+@pytest.mark.skipif(not NEW_PRECISION_API, reason="torch without the fp32_precision API")
+@pytest.mark.parametrize("before", [lambda: None, _user_sets_new_api_tf32, _user_sets_new_api_ieee,
+                                    lambda: torch.set_float32_matmul_precision("high")],
+                         ids=["defaults", "new-api-tf32", "new-api-ieee", "set_float32_matmul_precision"])
+def test_tf32_context_uses_the_new_api_and_restores_what_was_there(before, precision_flags) -> None:
+    before()
+    previous = _precision_flags()
+    with tf32(True):
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+    assert _precision_flags() == previous
+    with tf32(False):
+        assert _precision_flags() == previous
+    with pytest.raises(KeyError), tf32(True):
+        raise KeyError("a step that fails")
+    assert _precision_flags() == previous
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_tf32_needs_cuda_and_says_so() -> None:
+    model = _model(torch.float32)
+    with pytest.raises(ValueError, match="tf32 and cuda_graph need the model on a CUDA device, it is on cpu"):
+        make_step(model, CrossEntropyLoss(), SGD(model.parameters(), lr=0.1), tf32=True)
+    with pytest.raises(ConfigError, match=r"^tf32 need the fast step, which cannot run here \(fast=False\)$"):
+        make_step(model, CrossEntropyLoss(), SGD(model.parameters(), lr=0.1), fast=False, tf32=True)
+
+
+# ----------------------------------------------------------------------------------------- the backward contract
+
+
+class AssignsGrad(Module):
+    """A user's layer that assigns ``weight.grad`` instead of accumulating it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = Parameter(torch.ones(IN, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.save_for_backward(x)
+        return x * self.weight
+
+    def backward(self, dout: torch.Tensor) -> torch.Tensor:
+        (x,) = self.saved_tensors
+        self.weight.grad = (dout * x).sum(0)
+        return dout * self.weight
+
+
+class ForgetsGrad(AssignsGrad):
+    """A user's layer whose backward never writes its parameter's gradient."""
+
+    def backward(self, dout: torch.Tensor) -> torch.Tensor:
+        return dout * self.weight
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "simple"])
+@pytest.mark.parametrize("layer, words", [
+    (AssignsGrad, "assigned 1.weight.grad instead of accumulating it: call self.weight.accumulate(dweight)"),
+    (ForgetsGrad, "left parameter '1.weight' without a gradient: call self.weight.accumulate(dweight)"),
+], ids=["assigns", "forgets"])
+def test_a_layer_that_breaks_the_gradient_contract_is_refused_on_the_first_step(layer, words, fast) -> None:
+    g = torch.Generator().manual_seed(0)
+    model = Sequential(Flatten(), layer(), Linear(IN, CLASSES, dtype=torch.float64, generator=g))
+    step = make_step(model, CrossEntropyLoss(), SGD(model.parameters(), lr=0.1), fast=fast)
+    assert type(step) is (FastStep if fast else SimpleStep)
+    with pytest.raises(BackwardError) as info:
+        step(*_batches(torch.float64)[0])
+    assert words in str(info.value) and type(model[1]).__name__ in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+# -------------------------------------------------------------------------------------------- optimizer state
+
+
+def test_adam_state_dict_leaves_the_live_state_alone_and_counts_every_step() -> None:
+    model = _model()
+    optimizer = Adam(model.parameters(), lr=1e-3)
+    step = make_step(model, CrossEntropyLoss(), optimizer)
+    assert type(step) is FastStep
+    batches = _batches(torch.float64, sizes=[16] * 10)
+    for x, y in batches[:5]:
+        step(x, y)
+    first = optimizer.state_dict()
+    assert {float(entry["step"]) for entry in first["state"].values()} == {5.0}
+    first["state"][0]["step"].fill_(100)  # the caller's copy
+    for x, y in batches[5:]:
+        step(x, y)
+    second = optimizer.state_dict()
+    assert {float(entry["step"]) for entry in second["state"].values()} == {10.0}
+    assert second["state"][0]["step"].dtype == torch.float32
+
+
+def test_load_state_dict_copies_into_the_tensors_a_captured_graph_reads() -> None:
+    """A CUDA graph reads the optimizer's flat state and its hyperparameter tensors at fixed addresses: loading a state
+    dict (a resume) must copy into those, not replace them. Checked on the CPU, where the addresses are the same."""
+    model = _model()
+    optimizer = Adam(model.parameters(), lr=1e-3, weight_decay=1e-2)
+    step = FastStep(model, CrossEntropyLoss(), optimizer)
+    batches = _batches(torch.float64, sizes=[16] * 6)
+    for x, y in batches[:3]:
+        step(x, y)
+    live = {name: (value.data_ptr(), value) for name, value in optimizer.state[model[1].weight].items()}
+    scalars = {key: [t.data_ptr() for t in tensors] for key, (_, tensors) in optimizer._scalar_tensors.items()}
+    assert scalars
+
+    other = _model()
+    other_optimizer = Adam(other.parameters(), lr=5e-3, weight_decay=1e-2)  # another run, another learning rate
+    other_step = FastStep(other, CrossEntropyLoss(), other_optimizer)
+    _train_with(other_step, batches[3:])
+    loaded = copy.deepcopy(other_optimizer.state_dict())
+    optimizer.load_state_dict(loaded)
+    optimizer.refresh_scalars()  # as a graph replay does first
+
+    for name, (address, tensor) in live.items():
+        now = optimizer.state[model[1].weight][name]
+        assert now.data_ptr() == address, f"{name} moved"
+        assert torch.equal(tensor, loaded["state"][0][name].to(tensor.dtype))
+    assert {key: [t.data_ptr() for t in tensors] for key, (_, tensors) in optimizer._scalar_tensors.items()} == scalars
+    (lr, *_), = [tensors for _, tensors in optimizer._scalar_tensors.values()]
+    assert lr.item() == pytest.approx(5e-3)
+    mine = optimizer.state_dict()
+    for index, entry in loaded["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(mine["state"][index][name], value)
+
+    model.load_state_dict(other.state_dict())  # and training goes on from there as the other run's does
+    for x, y in batches[:2]:
+        step(x, y)
+    _train_with(other_step, batches[:2])
+    assert _max_relative(other.state_dict(), model.state_dict()) == 0
+
+
+def _train_with(step, batches) -> list:
+    return [step(x, y) for x, y in batches]
+
+
+# ---------------------------------------------------------------------------------------------- CUDA: the fixes
+
+
+@CUDA
+@pytest.mark.cuda
+def test_tf32_changes_a_float32_step_by_more_than_rounding_and_without_it_float32_matches_float64(
+        precision_flags) -> None:
+    """The gradients of a matmul-heavy step against float64: float32 is within float32 rounding; TF32 (10-bit
+    mantissas) is off by much more — so the option really takes effect, and only inside the step."""
+    def build(dtype: torch.dtype) -> Sequential:
+        g = torch.Generator().manual_seed(1)
+        return Sequential(Linear(1024, 1024, generator=g), ReLU(), Linear(1024, 1024, generator=g), ReLU(),
+                          Linear(1024, 10, generator=g)).to("cuda", dtype)
+
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(256, 1024, generator=g).cuda(), torch.randint(0, 10, (256,), generator=g).cuda()
+
+    def gradient(dtype: torch.dtype, **options) -> torch.Tensor:
+        model = build(dtype)
+        step = FastStep(model, CrossEntropyLoss(), SGD(model.parameters(), lr=0.1), **options)
+        step(x.to(dtype), y)
+        return step.layout.flat.grad.double()
+
+    exact = gradient(torch.float64)
+    flags = _precision_flags()
+    plain = (gradient(torch.float32) - exact).norm() / exact.norm()
+    in_tf32 = (gradient(torch.float32, tf32=True) - exact).norm() / exact.norm()
+    assert _precision_flags() == flags
+    assert plain < 1e-5, f"float32 is off float64 by {plain:.1e}"
+    assert in_tf32 > 5e-5 and in_tf32 > 10 * plain, f"TF32 {in_tf32:.1e}, float32 {plain:.1e}"
+
+
+@CUDA
+@pytest.mark.cuda
+def test_labels_out_of_range_under_cuda_graphs_are_a_label_error() -> None:
+    """On a GPU a bad label clamps and sets a flag on the device (no sync); the flag is one tensor written in place,
+    so a replayed graph sets it too — after an evaluation pass of the loss in between and with a second graph."""
+    model = _model(torch.float32, "cuda")
+    loss_fn = CrossEntropyLoss()
+    step = FastStep(model, loss_fn, SGD(model.parameters(), lr=0.1, momentum=0.9), cuda_graph=True, graph_warmup=1)
+    big = _batches(torch.float32, sizes=[32] * 6, device="cuda")
+    small = _batches(torch.float32, sizes=[20] * 4, device="cuda")
+    for x, y in big[:4] + small[:3]:  # each size: warm-up (and the momentum buffers' key), capture, replay
+        step(x, y)
+    assert step.graphs.num_graphs == 2 and step.graph_failure is None
+    assert loss_fn.label_error() is None
+    evaluate(model, loss_fn, [big[0]])
+
+    for (x, y), bad_label in ((big[4], CLASSES), (small[3], -1)):  # replays of the first graph, then the second
+        bad = y.clone()
+        bad[3] = bad_label
+        loss_sum, _ = step(x, bad)
+        assert torch.isnan(loss_sum).item()
+        error = loss_fn.label_error()
+        assert error is not None and "labels must be in [0, 9] for 10 classes" in error, error
+        assert "found some outside that range on the device" in error
+        assert loss_fn.label_error() is None  # reading it cleared it
+    loss_sum, _ = step(*big[5])
+    assert torch.isfinite(loss_sum).item() and loss_fn.label_error() is None
+    assert step.graphs.num_graphs == 2 and all(bool(p.isfinite().all()) for p in model.parameters())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_cuda_graph_on_the_second_device_trains_there() -> None:
+    device = "cuda:1"
+    batches = _batches(torch.float32, sizes=[32] * 6, device=device)
+    eager = _train(FastStep, _model(torch.float32, device), CrossEntropyLoss(), batches)
+    model = _model(torch.float32, device)
+    optimizer = SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step = FastStep(model, CrossEntropyLoss(), optimizer, cuda_graph=True, graph_warmup=1)
+    results, weights = [], []
+    for x, y in batches:
+        results.append(step(x, y))
+        weights.append(model.state_dict())
+    assert step.graphs.num_graphs == 1 and step.graph_failure is None
+    for before, after in zip(weights[2:], weights[3:]):  # steps 3-6 are replays: each moved the weights on cuda:1
+        assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(p.device == torch.device(device) for p in model.parameters())
+    _assert_same_training(eager, (model, optimizer, results), torch.float32)
+
+
+@CUDA
+@pytest.mark.cuda
+def test_a_replay_after_load_state_dict_continues_from_the_loaded_state() -> None:
+    """A resume into a captured step: the graph keeps reading the same tensors, into which the model's and the
+    optimizer's load_state_dict copied the loaded values (the learning rate too)."""
+    batches = _batches(torch.float32, sizes=[32] * 8, device="cuda")
+    model = _model(torch.float32, "cuda")
+    optimizer = Adam(model.parameters(), lr=1e-2)
+    step = FastStep(model, CrossEntropyLoss(), optimizer, cuda_graph=True, graph_warmup=1)
+    for x, y in batches[:4]:
+        step(x, y)
+    assert step.graphs.num_graphs == 1
+    model_state, optimizer_state = model.state_dict(), copy.deepcopy(optimizer.state_dict())
+    optimizer.param_groups[0]["lr"] = 5e-2
+    for x, y in batches[4:]:
+        step(x, y)
+    elsewhere = model.state_dict()
+    model.load_state_dict(model_state)
+    optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+    replayed = [step(x, y) for x, y in batches[4:]]
+    assert step.graphs.num_graphs == 1 and step.graph_failure is None  # the same graph all along
+    assert {float(s["step"]) for s in optimizer.state_dict()["state"].values()} == {8.0}
+
+    reference = _model(torch.float32, "cuda")
+    reference_optimizer = Adam(reference.parameters(), lr=1e-2)
+    reference_step = FastStep(reference, CrossEntropyLoss(), reference_optimizer)
+    reference.load_state_dict(model_state)
+    reference_optimizer.load_state_dict(copy.deepcopy(optimizer_state))
+    expected = [reference_step(x, y) for x, y in batches[4:]]
+    _assert_same_training((reference, reference_optimizer, expected), (model, optimizer, replayed), torch.float32)
+    assert _max_relative(elsewhere, model.state_dict()) > 1e-4  # the run before the load went elsewhere
+
+
+def test_bf16_batch_norm_keeps_float32_running_averages_and_evaluates_in_bf16() -> None:
+    """The running averages are a layer's state, not the optimizer's: they stay float32 (as the master weights),
+    and the normalisation of an evaluation computes in the layers' dtype, as in training."""
+    model = _model(torch.float32, batchnorm=True, dropout=0.1)
+    step = FastStep(model, CrossEntropyLoss(), Adam(model.parameters(), lr=1e-3), dtype=BF16)
+    batches = _bf16_batches(4)
+    for x, y in batches:
+        step(x, y)
+    running = {name: b for name, b in model.named_buffers() if b.is_floating_point()}
+    assert running and all(b.dtype == torch.float32 for b in running.values())
+    assert not torch.equal(running["2.running_mean"], torch.zeros_like(running["2.running_mean"]))
+    scores = evaluate(model, CrossEntropyLoss(), batches)
+    assert 0 < scores.loss < 10
+    with torch.no_grad():
+        output = model.eval()(batches[0][0])
+    assert output.dtype == BF16
+    reference = _model(torch.float32, batchnorm=True, dropout=0.1).to(BF16)  # the same model, all in bf16
+    reference.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(reference.eval()(batches[0][0]), output)

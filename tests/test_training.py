@@ -21,7 +21,7 @@ from nnbackprop.loaders import make_loader
 from nnbackprop.losses import CrossEntropyLoss
 from nnbackprop.metrics import METRICS_FILE
 from nnbackprop.callbacks import TrainCallback, TrainResult
-from nnbackprop.errors import NonFiniteLossError
+from nnbackprop.errors import ConfigError, NonFiniteLossError
 from nnbackprop.evaluation import evaluate
 from nnbackprop.training import SUMMARY_FILE, train
 from user_layers import Scale, Swish
@@ -429,3 +429,103 @@ def test_bfloat16_trains_with_float32_master_weights_and_resumes_exactly(tmp_pat
     assert losses(resumed.history) == losses(straight.history)
     assert_same_weights(load_checkpoint(tmp_path / "resumed" / CHECKPOINT_FILE)["model"], saved["model"])
     assert straight.test_accuracy > 0.6 and resumed.test_accuracy == straight.test_accuracy
+
+
+# ------------------------------------------------------------------------------------------------------ resume, exactly
+
+
+class KillAt(TrainCallback):
+    """Stops the run in the middle of an epoch, as a kill would (nothing after the last checkpoint is kept)."""
+
+    def __init__(self, epoch: int, step: int) -> None:
+        self.epoch, self.step = epoch, step
+
+    def on_step(self, epoch, step, running_loss):
+        if (epoch, step) == (self.epoch, self.step):
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "simple"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+def test_a_run_killed_mid_epoch_resumes_bit_for_bit_with_every_optimizer(tmp_path, optimizer, fast):
+    config = BASE.replace(epochs=3, optimizer=optimizer, lr=None, weight_decay=1e-3, dropout=0.2, shift=1, flip=True,
+                          schedule="cosine", warmup_epochs=1, fast=fast)
+    straight = train(config, data=toy_data(), out_dir=tmp_path / "straight")
+    with pytest.raises(KeyboardInterrupt):
+        train(config, data=toy_data(), out_dir=tmp_path / "resumed", callback=KillAt(epoch=2, step=5))
+    assert load_checkpoint(tmp_path / "resumed")["epoch"] == 1
+    resumed = train(config, data=toy_data(), out_dir=tmp_path / "resumed", resume=True)
+    assert resumed.summary["step"] == ("FastStep" if fast else "SimpleStep")
+    assert losses(resumed.history) == losses(straight.history)
+    assert_same_weights(resumed.model.state_dict(), straight.model.state_dict())
+    a, b = (load_checkpoint(tmp_path / d) for d in ("straight", "resumed"))
+    assert_same_weights(a["model"], b["model"])
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for index, state in a["optimizer"]["state"].items():
+        assert state.keys() == b["optimizer"]["state"][index].keys()
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][index][name]), f"{name} of parameter {index}"
+    if optimizer != "sgd":
+        assert {float(s["step"]) for s in b["optimizer"]["state"].values()} == {30.0}  # 3 epochs of 10 steps
+    assert a["scheduler"] == b["scheduler"]
+    assert resumed.test_loss == straight.test_loss
+
+
+# ------------------------------------------------------------------------------------------------------ a user's model
+
+
+@pytest.mark.parametrize("outputs, classes, loss, need", [
+    (5, 2, "ce", "2 outputs, one per class"),
+    (13, 10, "ce", "10 outputs, one per class"),
+    (2, 2, "bce", "1 output (one logit, --loss bce)"),
+])
+def test_a_model_whose_outputs_do_not_fit_the_classes_is_refused_before_training(outputs, classes, loss, need):
+    g = torch.Generator().manual_seed(0)
+    model = Sequential(Flatten(), Linear(36, 8, generator=g), ReLU(), Linear(8, outputs, generator=g))
+    recorder = Recorder()
+    with pytest.raises(ConfigError) as info:
+        train(BASE.replace(loss=loss), model=model, data=toy_data(classes=classes), callback=recorder)
+    message = str(info.value)
+    assert f"returns outputs of shape ({outputs},) per example, but this data set needs {need}" in message
+    assert "\n" not in message and recorder.events == []
+
+
+def test_a_model_that_does_not_take_the_images_is_refused_before_training():
+    model = Sequential(Flatten(), Linear(50, 3))
+    recorder = Recorder()
+    with pytest.raises(ConfigError) as info:
+        train(BASE, model=model, data=toy_data(), callback=recorder)
+    message = str(info.value)
+    assert message.startswith("Sequential does not take this data set's images of shape (1, 6, 6): Linear(")
+    assert "expected 50 input features" in message and "\n" not in message and recorder.events == []
+
+
+@pytest.mark.parametrize("model, words", [
+    ("x", "got a str"),
+    (torch.nn.Linear(3, 3), "got a Linear (a torch.nn model: write it with nnbackprop's layers"),
+])
+def test_a_model_that_is_not_an_nnbackprop_module_is_one_line(model, words):
+    with pytest.raises(ConfigError) as info:
+        train(BASE, model=model, data=toy_data())
+    assert "train(model=...) takes an nnbackprop Module" in str(info.value) and words in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_mixed_precision_run_with_batch_norm_trains_resumes_and_evaluates(tmp_path):
+    config = BASE.replace(epochs=3, dtype="bfloat16", batchnorm=True, dropout=0.1, optimizer="adam", lr=1e-2,
+                          patience=5)
+    data = toy_data()
+    straight = train(config, data=data, out_dir=tmp_path / "straight")
+    assert straight.summary["step"] == "FastStep" and straight.test_accuracy > 0.8
+    with pytest.raises(KeyboardInterrupt):
+        train(config, data=toy_data(), out_dir=tmp_path / "resumed", callback=KillAt(epoch=2, step=5))
+    resumed = train(config, data=toy_data(), out_dir=tmp_path / "resumed", resume=True)
+    assert losses(resumed.history) == losses(straight.history)
+    a, b = (load_checkpoint(tmp_path / d) for d in ("straight", "resumed"))
+    assert_same_weights(a["model"], b["model"])
+    assert all(a["model"][name].dtype == torch.float32 for name, _ in straight.model.named_parameters())
+    model, loss_fn, _ = load_model(tmp_path / "straight")
+    assert next(model.parameters()).dtype == torch.bfloat16
+    test = make_loader(data.test, 1000, mean=data.mean, std=data.std, dtype=torch.bfloat16)
+    assert evaluate(model, loss_fn, test).accuracy == straight.test_accuracy
