@@ -27,12 +27,13 @@ and ``config.toml`` (the resolved configuration, which ``--config`` reads back).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -47,7 +48,7 @@ from nnbackprop.datasets import DataSplits, SplitData, load_dataset
 from nnbackprop.diagnostics import LAYERS_FILE, Diagnostics, read_layer_records, write_layer_records
 from nnbackprop.distributed import (DistContext, all_reduce_mean_hook, broadcast_module, gather_objects,
                                     local_batch_size, rank_seed, reduce_metrics, resolve_device)
-from nnbackprop.files import prepare_output_dir, remove_stale_temp_files, write_text
+from nnbackprop.files import lock_output_dir, prepare_output_dir, remove_stale_temp_files, write_text
 from nnbackprop.layers import Dropout
 from nnbackprop.loaders import Loader, make_loader
 from nnbackprop.losses import BCEWithLogitsLoss, CrossEntropyLoss, Loss, MSELoss
@@ -253,12 +254,40 @@ def train(config: TrainConfig, model: Module | None = None, data: DataSplits | N
             and validation and test metrics reduced over the ranks. Only rank 0 reports to ``callback`` and writes
             files; a checkpoint resumes on the same number of ranks.
 
+    The output folder is held for the run (:func:`~nnbackprop.files.lock_output_dir`): a second run on it, while this
+    one goes on, is refused. ``config.threads`` sets torch's CPU threads for the run (restored afterwards).
+
     Raises:
         ValueError: bad settings, or data that does not fit them. CheckpointError (a ValueError): an unreadable
             checkpoint, or one written with other settings. FileExistsError: the output folder holds a checkpoint and
             neither ``resume`` nor ``overwrite`` is set. WriteError (an OSError): the output folder or a file in it
-            cannot be written. DatasetNotFoundError: no data. NonFiniteLossError: the training diverged.
+            cannot be written. OutputLockedError (a WriteError): another run writes to the output folder.
+            DatasetNotFoundError: no data. NonFiniteLossError: the training diverged.
     """
+    out = Path(out_dir) if out_dir is not None else Path(config.out) if config.out is not None else None
+    holds = out is not None and (dist is None or dist.is_main)
+    with lock_output_dir(out) if holds else contextlib.nullcontext(), _threads(config.threads):
+        return _train(config, model, data, out_dir=out_dir, resume=resume, overwrite=overwrite, callback=callback,
+                      dist=dist)
+
+
+@contextlib.contextmanager
+def _threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU threads set to ``threads`` (``None``: left as they are) for the ``with`` block."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(config: TrainConfig, model: Module | None, data: DataSplits | None, *, out_dir: str | Path | None,
+           resume: bool, overwrite: bool, callback: TrainCallback | Sequence[TrainCallback] | None,
+           dist: DistContext | None) -> TrainResult:
     started = time.perf_counter()
     dist = dist or DistContext()
     device = dist.device if dist.distributed else resolve_device(config.device)

@@ -410,3 +410,18 @@ def test_the_thread_count_is_recorded(tmp_path):
     result = train(BASE.replace(epochs=1), data=toy_data(), out_dir=tmp_path)
     assert result.summary["threads"] == torch.get_num_threads()
     assert load_checkpoint(tmp_path)["run"]["threads"] == torch.get_num_threads()
+
+
+def test_the_threads_setting_sets_the_run_s_threads_and_restores_them(tmp_path):
+    before = torch.get_num_threads()
+    threads = 2 if before == 1 else 1
+    seen = []
+
+    class Watch(TrainCallback):
+        def on_epoch_end(self, metrics):
+            seen.append(torch.get_num_threads())
+
+    result = train(BASE.replace(epochs=2, threads=threads), data=toy_data(), out_dir=tmp_path, callback=Watch())
+    assert seen == [threads, threads] and result.summary["threads"] == threads
+    assert load_checkpoint(tmp_path)["run"]["threads"] == threads and result.summary["config"]["threads"] == threads
+    assert torch.get_num_threads() == before
