@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-import torchvision
 from torch import Tensor
 
 from nnbackprop.checkpoint import CheckpointError, load_checkpoint, load_into, resolve_checkpoint, saved_config
 from nnbackprop.config import TrainConfig
-from nnbackprop.datasets import DatasetNotFoundError, ImageFolderData, SplitData, load_dataset, read_image
+from nnbackprop.datasets import (DatasetNotFoundError, ImageFolderData, SplitData, load_dataset, read_image,
+                                 scan_image_folder)
 from nnbackprop.distributed import resolve_device
-from nnbackprop.errors import one_line
 from nnbackprop.loaders import Loader, make_loader, normalize
 from nnbackprop.losses import Loss
 from nnbackprop.metrics import EpochMetrics, write_metrics
@@ -284,13 +283,8 @@ def image_folder_split(root: str | Path, input_shape: Sequence[int]) -> tuple[Im
         raise ValueError(f"the model takes {height}x{width} images; an image folder is read as squares")
     has_test = (root / "train").is_dir() and (root / "test").is_dir()
     folder = root / "test" if has_test else root
-    try:
-        found = torchvision.datasets.ImageFolder(str(folder))
-    except FileNotFoundError as error:
-        raise DatasetNotFoundError(f"{folder}: {one_line(error)}; it needs one subfolder of images per class") \
-            from error
-    return ImageFolderData(found.samples, height, grayscale=channels == 1), list(found.classes), \
-        "test" if has_test else "all"
+    samples, classes = scan_image_folder(folder)
+    return ImageFolderData(samples, height, grayscale=channels == 1), classes, "test" if has_test else "all"
 
 
 def _same_data_set(name: str, trained_on: str) -> bool:
