@@ -127,3 +127,12 @@ def test_a_module_can_be_renamed_for_its_messages():
     layer.name = "encoder.scale"
     with pytest.raises(ValueError, match=r"^encoder.scale: expected 4 input features"):
         layer(torch.randn(2, 3, dtype=F64))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_a_parameter_must_be_floating_point(dtype):
+    """torch refuses an integer nn.Parameter; ours was accepted and trained."""
+    with pytest.raises(TypeError) as info:
+        Parameter(torch.ones(3, dtype=dtype))
+    assert str(info.value) == (f"Parameter expects a floating-point tensor, got dtype {dtype}: gradient steps need "
+                               "real numbers; convert it first, e.g. Parameter(data.float())")
