@@ -39,7 +39,10 @@ from nnbackprop.errors import gist
 from nnbackprop.module import Module
 from nnbackprop.step import GradHook
 
-DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_TIMEOUT_S = 1800.0
+"""How long a rank waits for the others, at start-up and at each collective, before it fails: generous (torch's own
+default for gloo), because a busy machine can take minutes to start a rank, load and decode its data set, or let
+rank 0 alone write a large checkpoint, and none of that is a hang. A rank that dies is noticed at once on the CPU."""
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
