@@ -48,7 +48,7 @@ from nnbackprop.datasets import DataSplits, SplitData, load_dataset
 from nnbackprop.diagnostics import LAYERS_FILE, Diagnostics, read_layer_records, write_layer_records
 from nnbackprop.distributed import (DistContext, all_reduce_mean_hook, broadcast_module, gather_objects,
                                     local_batch_size, rank_seed, reduce_metrics, resolve_device)
-from nnbackprop.files import lock_output_dir, prepare_output_dir, remove_stale_temp_files, write_text
+from nnbackprop.files import lock_output_dir, remove_stale_temp_files, write_text
 from nnbackprop.layers import Dropout
 from nnbackprop.loaders import Loader, make_loader
 from nnbackprop.losses import BCEWithLogitsLoss, CrossEntropyLoss, Loss, MSELoss
@@ -264,11 +264,9 @@ def train(config: TrainConfig, model: Module | None = None, data: DataSplits | N
             cannot be written. OutputLockedError (a WriteError): another run writes to the output folder.
             DatasetNotFoundError: no data. NonFiniteLossError: the training diverged.
     """
-    out = Path(out_dir) if out_dir is not None else Path(config.out) if config.out is not None else None
-    holds = out is not None and (dist is None or dist.is_main)
-    with lock_output_dir(out) if holds else contextlib.nullcontext(), _threads(config.threads):
+    with contextlib.ExitStack() as held, _threads(config.threads):
         return _train(config, model, data, out_dir=out_dir, resume=resume, overwrite=overwrite, callback=callback,
-                      dist=dist)
+                      dist=dist, held=held)
 
 
 @contextlib.contextmanager
@@ -287,7 +285,8 @@ def _threads(threads: int | None) -> Iterator[None]:
 
 def _train(config: TrainConfig, model: Module | None, data: DataSplits | None, *, out_dir: str | Path | None,
            resume: bool, overwrite: bool, callback: TrainCallback | Sequence[TrainCallback] | None,
-           dist: DistContext | None) -> TrainResult:
+           dist: DistContext | None, held: contextlib.ExitStack) -> TrainResult:
+    """:func:`train`; the output folder's lock goes into ``held``, which :func:`train` releases when it returns."""
     started = time.perf_counter()
     dist = dist or DistContext()
     device = dist.device if dist.distributed else resolve_device(config.device)
@@ -304,7 +303,7 @@ def _train(config: TrainConfig, model: Module | None, data: DataSplits | None, *
         callbacks.append(TensorBoardLogger(out))
     callback = Callbacks(callbacks) if dist.is_main else TrainCallback()
     if writes:
-        prepare_output_dir(out)
+        held.enter_context(lock_output_dir(out))  # creates the folder, proves it writable, holds it for this run
         remove_stale_temp_files(out, RUN_FILES)
     saved = _checkpoint_to_resume(checkpoint_path, device, dist.world_size) if resume else None
     if not resume and checkpoint_path is not None and checkpoint_path.exists() and not overwrite:
