@@ -169,6 +169,9 @@ def init_distributed(device_arg: str = "auto", timeout_s: float = DEFAULT_TIMEOU
             backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
             device_id=device if backend == "nccl" else None,
         )
+        # Every rank finishes joining before any goes on: a rank that went on and failed at once (a checkpoint it
+        # refuses) would close its connections under a rank still joining, which then reports a broken group.
+        dist.barrier()
     except RuntimeError as err:
         raise DistributedError(
             f"rank {rank} of {world_size}: the process group at {address} did not form within the {timeout_s:g} s "
