@@ -70,10 +70,12 @@ def save_checkpoint(path: str | Path, checkpoint: Mapping[str, Any]) -> None:
         raise ValueError(f"save_checkpoint: the checkpoint lacks {missing}")
     buffer = io.BytesIO()
     torch.save(dict(checkpoint), buffer)
-    payload = buffer.getvalue()
+    payload = buffer.getbuffer()
     record = {"format": FORMAT, "version": VERSION, "sha256": hashlib.sha256(payload).hexdigest(),
-              "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
-    atomic_write(path, lambda file: torch.save(record, file))
+              "payload": torch.frombuffer(payload, dtype=torch.uint8)}
+    serialised = io.BytesIO()  # in memory first: a failing file write then raises its OSError (ENOSPC, EIO, ...)
+    torch.save(record, serialised)
+    atomic_write(path, lambda file: file.write(serialised.getbuffer()))
 
 
 def _reason(error: Exception) -> str:

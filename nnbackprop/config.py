@@ -15,6 +15,7 @@ import dataclasses
 import json
 import math
 import re
+import reprlib
 import sys
 import types
 import typing
@@ -24,7 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from nnbackprop.datasets import DATASETS
 from nnbackprop.diagnostics import MODES
-from nnbackprop.errors import ERROR_PREFIX, ConfigError
+from nnbackprop.errors import ERROR_PREFIX, ConfigError, one_line
 from nnbackprop.layers import LINEAR_INITS
 from nnbackprop.layout import DTYPES
 from nnbackprop.losses import LOSSES
@@ -41,10 +42,18 @@ Check = Callable[[Any], "str | None"]
 """A setting's check: ``None`` when the value is fine, else what is wrong with it (a phrase: 'must be ...')."""
 
 
-def at_least(minimum: float, *, strict: bool = False) -> Check:
+def _number(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def at_least(minimum: float, *, strict: bool = False, maximum: float | None = None) -> Check:
+    """``value >= minimum`` (``>`` with ``strict``), and ``value <= maximum`` when one is given."""
+
     def check(value: Any) -> str | None:
         if strict and value <= minimum or value < minimum:
-            return f"must be {'>' if strict else '>='} {minimum:g}"
+            return f"must be {'>' if strict else '>='} {_number(minimum)}"
+        if maximum is not None and value > maximum:
+            return f"must be <= {_number(maximum)}"
         return None
 
     return check
@@ -53,7 +62,7 @@ def at_least(minimum: float, *, strict: bool = False) -> Check:
 def between(low: float, high: float, *, high_open: bool = True) -> Check:
     def check(value: Any) -> str | None:
         if not (low <= value < high if high_open else low <= value <= high):
-            return f"must be in [{low:g}, {high:g}{')' if high_open else ']'}"
+            return f"must be in [{_number(low)}, {_number(high)}{')' if high_open else ']'}"
         return None
 
     return check
@@ -67,12 +76,39 @@ def one_of(*choices: str) -> Check:
     return check
 
 
-def each(check: Check) -> Check:
+def each(check: Check, *, at_most: int | None = None) -> Check:
+    """``check`` of every value of a list of at most ``at_most`` values."""
+
     def check_each(values: Any) -> str | None:
+        if at_most is not None and len(values) > at_most:
+            return f"must list at most {at_most} values, not {len(values)}"
         problems = [problem for problem in map(check, values) if problem]
         return f"values must each {problems[0].removeprefix('must ')}" if problems else None
 
     return check_each
+
+
+MAX_EPOCHS = 100_000
+"""The most epochs (and warm-up, step, patience epochs) a run may ask for: far beyond any useful run, short of one
+that never ends."""
+MAX_WIDTH = 65_536
+"""The widest hidden layer: a 65,536 x 65,536 weight matrix alone is 16 GiB in float32."""
+MAX_LAYERS = 1_000
+MAX_BATCH_SIZE = 1_000_000
+MAX_LOG_EVERY = 1_000_000
+MAX_IMAGE_SIZE = 1_024
+"""The largest side an image folder's images are resized to (3 x 1024 x 1024 inputs per image)."""
+MAX_THREADS = 1_024
+MAX_SEED = 2**62
+"""The largest seed: generators are seeded with ``seed + 1`` and ``seed + epoch`` too, which stay below 2^63."""
+_shown = reprlib.Repr()
+_shown.maxlist = _shown.maxtuple = 8
+_shown.maxlong, _shown.maxstring = 40, 200
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, shortened for an error line (a long list, a huge number, a long string)."""
+    return _shown.repr(value)
 
 
 def _model_spec(value: str) -> str | None:
@@ -112,12 +148,14 @@ class TrainConfig:
     download: bool = setting(False, "data", "download the data set if it is not found", resumable=True)
     val_size: int = setting(5000, "data", "training examples held out for validation and early stopping",
                             at_least(0))
-    image_size: int = setting(32, "data", "side images of an imagefolder data set are resized to", at_least(1))
+    image_size: int = setting(32, "data", "side images of an imagefolder data set are resized to",
+                              at_least(1, maximum=MAX_IMAGE_SIZE))
     grayscale: bool = setting(False, "data", "read an imagefolder data set's images as one grey channel")
     # model
     model: str | None = setting(None, "model", "PATH.py:FUNCTION: train the model this function returns instead of "
                                 "the MLP below (see the README's custom layers)", _model_spec)
-    hidden: tuple[int, ...] = setting((512, 512), "model", "hidden layer widths, comma-separated", each(at_least(1)))
+    hidden: tuple[int, ...] = setting((512, 512), "model", "hidden layer widths, comma-separated",
+                                      each(at_least(1, maximum=MAX_WIDTH), at_most=MAX_LAYERS))
     activation: str = setting("relu", "model", "activation of the hidden layers", one_of(*ACTIVATIONS))
     dropout: float = setting(0.2, "model", "dropout after each hidden layer", between(0, 1))
     batchnorm: bool = setting(False, "model", "batch normalisation after each hidden linear layer")
@@ -127,8 +165,10 @@ class TrainConfig:
                         "logit, two classes", one_of(*LOSSES))
     # optimisation
     optimizer: str = setting("sgd", "optimisation", "sgd (with momentum), adam or adamw", one_of(*OPTIMIZERS))
-    epochs: int = setting(20, "optimisation", "passes over the training split", at_least(1), resumable=True)
-    batch_size: int = setting(128, "optimisation", "examples per step (all ranks together)", at_least(1))
+    epochs: int = setting(20, "optimisation", "passes over the training split", at_least(1, maximum=MAX_EPOCHS),
+                          resumable=True)
+    batch_size: int = setting(128, "optimisation", "examples per step (all ranks together)",
+                              at_least(1, maximum=MAX_BATCH_SIZE))
     lr: float | None = setting(None, "optimisation", "learning rate at its peak, after warm-up (default: " + ", ".join(
                                f"{lr:g} for {name}" for name, lr in DEFAULT_LR.items()) + ")",
                                at_least(0, strict=True))
@@ -142,33 +182,37 @@ class TrainConfig:
                             one_of(*SCHEDULES))
     warmup_epochs: float | None = setting(None, "optimisation", "linear learning-rate warm-up, in epochs, may be "
                                           "fractional (default: 1 epoch, or a tenth of a run shorter than 10)",
-                                          at_least(0))
+                                          at_least(0, maximum=MAX_EPOCHS))
     step_epochs: int | None = setting(None, "optimisation", "step schedule: epochs between decays (default: a third "
-                                      "of the run)", at_least(1))
+                                      "of the run)", at_least(1, maximum=MAX_EPOCHS))
     gamma: float = setting(0.1, "optimisation", "step schedule: decay factor", at_least(0, strict=True))
     patience: int | None = setting(None, "optimisation", "stop after this many epochs without a lower validation "
-                                   "loss (default: never)", at_least(1), resumable=True)
+                                   "loss (default: never)", at_least(1, maximum=MAX_EPOCHS), resumable=True)
     shift: int | None = setting(None, "optimisation", "augmentation: random shifts of up to this many pixels "
                                 "(default: what suits the data set: 1 for MNIST, 2 for CIFAR-10 cats and dogs, "
-                                "else 0)", at_least(0))
+                                "else 0)", at_least(0, maximum=MAX_IMAGE_SIZE))
     flip: bool | None = setting(None, "optimisation", "augmentation: random horizontal flips (default: what suits "
                                 "the data set: on for CIFAR-10 cats and dogs, else off)")
     # run
     device: str = setting("auto", "run", "auto, cpu, cuda or cuda:N", resumable=True)
     dtype: str = setting("float32", "run", "the dtype the layers compute in; bfloat16: mixed precision, with float32 "
                          "master weights and optimizer state (the fast step)", one_of(*DTYPES))
-    seed: int = setting(0, "run", "seed of weights, shuffling, dropout and augmentation", at_least(0))
+    seed: int = setting(0, "run", "seed of weights, shuffling, dropout and augmentation",
+                        at_least(0, maximum=MAX_SEED))
     fast: bool = setting(True, "run", "the fast step (buffers, flat parameters); --no-fast: the readable one",
                          resumable=True)
     cuda_graph: bool = setting(False, "run", "(CUDA) replay each training step as a CUDA graph", resumable=True)
     tf32: bool = setting(False, "run", "(CUDA) float32 matrix products and convolutions in TF32", resumable=True)
     log_every: int = setting(50, "run", "steps between reads of the running loss (progress, divergence check, "
-                             "diagnostics)", at_least(1), resumable=True)
+                             "diagnostics)", at_least(1, maximum=MAX_LOG_EVERY), resumable=True)
     diagnostics: str = setting("on", "run", "per-layer statistics in OUT/layers.jsonl: off, on (one step per log "
                                "interval) or full (every step, averaged)", one_of(*MODES),
                                resumable=True)
     tensorboard: bool = setting(False, "run", "write TensorBoard logs to OUT/tensorboard (pip install "
                                 "'nnbackprop[tensorboard]')", resumable=True)
+    threads: int | None = setting(None, "run", "CPU threads torch may use (default: torch's choice, one per core); "
+                                  "1 where other jobs share the cores", at_least(1, maximum=MAX_THREADS),
+                                  resumable=True)
     out: str | None = setting(None, "run", "output directory (default: runs/DATASET)", resumable=True)
 
     def __post_init__(self) -> None:
@@ -183,7 +227,7 @@ class TrainConfig:
             if problem is None and value is not None and f.metadata["check"] is not None:
                 problem = f.metadata["check"](value)
             if problem:
-                problems.append(f"{f.name} {problem}, got {value!r}")
+                problems.append(f"{f.name} {problem}, got {shown(value)}")
         if not problems:
             problems += self._cross_checks()
         if problems:
@@ -224,7 +268,7 @@ class TrainConfig:
             value = _coerce(value, hints[name])
             problem = _type_problem(value, hints[name])
             if problem:
-                raise ConfigError(f"{source}: {name} {problem}, got {value!r}")
+                raise ConfigError(f"{source}: {name} {problem}, got {shown(value)}")
             changes[name] = value
         try:
             return (base or cls()).replace(**changes)
@@ -322,15 +366,21 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         ConfigError: the file cannot be read or parsed, or holds something else; the message names the file.
     """
     path = Path(path)
+    kind = "JSON" if path.suffix == ".json" else "TOML"
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8-sig")
     except OSError as error:
         raise ConfigError(f"config file {path}: cannot read it ({error.strerror or error})") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"config file {path}: not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset "
+                          f"{error.start}); save it as UTF-8") from None
     try:
-        values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
-    except (ValueError, tomllib.TOMLDecodeError) as error:
-        raise ConfigError(f"config file {path}: not valid {'JSON' if path.suffix == '.json' else 'TOML'} "
-                          f"({error})") from None
+        values = json.loads(text) if kind == "JSON" else tomllib.loads(text)
+    except RecursionError:
+        raise ConfigError(f"config file {path}: its values are nested too deeply to be settings (a setting is a value "
+                          "or a list of values); fix the file") from None
+    except ValueError as error:  # tomllib.TOMLDecodeError and json.JSONDecodeError are ValueErrors
+        raise ConfigError(f"config file {path}: not valid {kind} ({one_line(error)})") from None
     if isinstance(values, dict) and isinstance(values.get("config"), dict):
         values = values["config"]  # a summary.json
     if not isinstance(values, dict):

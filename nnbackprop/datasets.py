@@ -14,7 +14,9 @@ import io
 import math
 import os
 import pickle
+import re
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,21 @@ STATS_SAMPLE_SIZE = 1000
 
 IN_MEMORY_BYTES = 2 * 2**30
 """An image folder whose images, resized, fit in this many bytes is read into memory once, before training."""
+
+MAX_DATA_FILE_BYTES = 2 * 2**30
+"""The most bytes a data file (an idx file or a CIFAR-10 batch, once gunzipped) may hold, 45 times MNIST's training
+images: an idx header that promises more is refused before the rest is read, and a stream is never read further."""
+
+MAX_IMAGE_PIXELS = 120_000_000
+"""The most pixels (width x height, as the file's header says) an image file may have: larger ones are refused before
+they are decoded. Photos of 24, 50 or 108 megapixels are within it."""
+
+REDUCED_DECODE_PIXELS = 16_000_000
+"""An image of more pixels than this is decoded at a reduced scale where its format allows it (JPEG: 1/2 to 1/8, PIL's
+draft mode), still at least the size it is resized to."""
+
+IMAGE_EXTENSIONS: tuple[str, ...] = torchvision.datasets.folder.IMG_EXTENSIONS
+"""The name endings (any case) of the files an image folder's class folders are searched for."""
 
 MNIST_FILES = (
     "train-images-idx3-ubyte",
@@ -79,22 +96,51 @@ class TensorData:
 
 
 def read_image(path: str | Path, shape: Sequence[int]) -> Tensor:
-    """An image file (any format PIL reads, any size, grey or colour) as a model of input ``shape`` ``(C, H, W)``
-    sees it in training: converted to grey (``C`` 1) or RGB (``C`` 3), resized to ``W x H`` (bilinear, aspect ratio
-    not kept); a ``uint8`` tensor of ``shape``.
+    """An image file (any format PIL reads, any size up to :data:`MAX_IMAGE_PIXELS`, grey or colour, 8 or 16 bits) as
+    a model of input ``shape`` ``(C, H, W)`` sees it in training: 16-bit grey scaled to 8 bits (``round(v / 257)``),
+    converted to grey (``C`` 1) or RGB (``C`` 3), resized to ``W x H`` (bilinear, aspect ratio not kept; an image of
+    more than :data:`REDUCED_DECODE_PIXELS` decoded at a reduced scale first where its format allows); a ``uint8``
+    tensor of ``shape``. PIL's warnings are not passed on.
 
     Raises:
-        ValueError: the file cannot be read as an image (the message names it), or ``C`` is not 1 or 3.
+        ValueError: the file cannot be read as an image, or has more than :data:`MAX_IMAGE_PIXELS` (the message names
+            it), or ``C`` is not 1 or 3.
     """
     channels, height, width = shape
     if channels not in (1, 3):
         raise ValueError(f"images have 1 (grey) or 3 (RGB) channels, not {channels}")
+    mode = "L" if channels == 1 else "RGB"
     try:
-        with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB").resize((width, height), Image.Resampling.BILINEAR)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PIL's (a large image, a palette's transparency, odd EXIF): not the user's
+            with Image.open(path) as image:
+                size = image.size
+                if size[0] * size[1] <= MAX_IMAGE_PIXELS:
+                    if size[0] * size[1] > REDUCED_DECODE_PIXELS:
+                        image.draft(mode, (width, height))
+                    image = _eight_bits(image).convert(mode).resize((width, height), Image.Resampling.BILINEAR)
+    except Image.DecompressionBombError as error:  # PIL's own limit, far above ours, met before the size is known
+        count = re.search(r"\((\d+) pixels\)", str(error))
+        pixels = f"{int(count.group(1)) / 1e6:.0f} megapixels" if count else "its size"
+        raise _too_large(path, pixels) from None
+    except (OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"{path}: cannot read this image ({error}); remove or replace the file") from error
+    if size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise _too_large(path, f"{size[0]}x{size[1]} pixels ({size[0] * size[1] / 1e6:.0f} megapixels)")
     return pil_to_tensor(image)
+
+
+def _too_large(path: str | Path, pixels: str) -> ValueError:
+    return ValueError(f"{path}: {pixels} is more than the {MAX_IMAGE_PIXELS / 1e6:g} megapixels an image may have "
+                      "(datasets.MAX_IMAGE_PIXELS); downscale the file, or remove it")
+
+
+def _eight_bits(image: Image.Image) -> Image.Image:
+    """``image`` with 16-bit grey values (PIL's modes ``I;16*``, and ``I``, as which it reads 16-bit PGM files) scaled
+    to the 8-bit range, ``round(v * 255 / 65535)``, where PIL's own conversion would clip them at 255."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        return image.convert("I").point(lambda v: v / 257 + 0.5).convert("L")
+    return image
 
 
 class ImageFolderData(Dataset):
@@ -180,42 +226,69 @@ class DataSplits:
 # --- reading files -------------------------------------------------------------------------------------------------
 
 
+def _open(path: Path) -> io.BufferedIOBase:
+    """``path`` opened for reading bytes, gunzipped as it is read if its name ends in ``.gz``."""
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")  # type: ignore[return-value]
+
+
+def _gzip_error(path: Path, error: Exception) -> ValueError:
+    return ValueError(f"{path}: corrupt or truncated gzip file ({error}); delete it and get it again")
+
+
 def _read_bytes(path: Path) -> bytearray:
-    """The content of ``path``, gunzipped if its name ends in ``.gz``."""
+    """The content of ``path``, gunzipped if its name ends in ``.gz``; refused beyond :data:`MAX_DATA_FILE_BYTES`."""
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as file:
-                return bytearray(file.read())
-        return bytearray(path.read_bytes())
+        with _open(path) as file:
+            data = bytearray(file.read(MAX_DATA_FILE_BYTES + 1))
     except (gzip.BadGzipFile, EOFError, zlib.error) as error:
-        raise ValueError(f"{path}: corrupt or truncated gzip file ({error}); delete it and get it again") from error
+        raise _gzip_error(path, error) from error
+    if len(data) > MAX_DATA_FILE_BYTES:
+        unpacked = " once gunzipped" if path.suffix == ".gz" else ""
+        raise ValueError(f"{path}: holds more than {MAX_DATA_FILE_BYTES:,} bytes{unpacked}, more than a data file of "
+                         "its kind (datasets.MAX_DATA_FILE_BYTES); it is damaged or not one: delete it and get it "
+                         "again")
+    return data
 
 
 def read_idx(path: str | Path) -> Tensor:
     """Read an idx file of unsigned bytes (the MNIST format), gzipped or not.
 
     The file is the magic number ``00 00 08 ndim``, then ``ndim`` big-endian uint32 sizes, then the values in
-    row-major order.
+    row-major order. The header is read first: a file whose header promises more than :data:`MAX_DATA_FILE_BYTES` is
+    refused, and no more than the promised values and one byte are read (so a gzip bomb is never unpacked).
 
     Returns:
         ``uint8`` tensor of shape ``(d_1, ..., d_ndim)``.
 
     Raises:
-        ValueError: the file is not such an idx file, or is shorter or longer than its header says.
+        ValueError: the file is not such an idx file, promises too much, or is shorter or longer than its header
+            says.
     """
     path = Path(path)
-    raw = _read_bytes(path)
-    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08" or raw[3] == 0:
-        raise ValueError(f"{path}: not an idx file of unsigned bytes (header {bytes(raw[:4]).hex()!r}, expected "
-                         "'000008' and a dimension count); check the file name or get the file again")
-    offset = 4 + 4 * raw[3]
-    if len(raw) < offset:
-        raise ValueError(f"{path}: truncated idx file (the header is cut off); delete it and get it again")
-    shape = struct.unpack(f">{raw[3]}I", raw[4:offset])
-    if len(raw) != offset + math.prod(shape):
-        raise ValueError(f"{path}: truncated or corrupt idx file: its header promises {offset + math.prod(shape)} "
-                         f"bytes for shape {shape}, the file has {len(raw)}; delete it and get it again")
-    return torch.frombuffer(raw, dtype=torch.uint8)[offset:].view(shape)
+    try:
+        with _open(path) as file:
+            magic = file.read(4)
+            if len(magic) < 4 or magic[:3] != b"\x00\x00\x08" or magic[3] == 0:
+                raise ValueError(f"{path}: not an idx file of unsigned bytes (header {magic.hex()!r}, expected "
+                                 "'000008' and a dimension count); check the file name or get the file again")
+            sizes = file.read(4 * magic[3])
+            if len(sizes) < 4 * magic[3]:
+                raise ValueError(f"{path}: truncated idx file (the header is cut off); delete it and get it again")
+            shape = struct.unpack(f">{magic[3]}I", sizes)
+            offset, size = 4 + len(sizes), math.prod(shape)
+            if size > MAX_DATA_FILE_BYTES:
+                raise ValueError(f"{path}: its header promises shape {shape}, {size:,} bytes, more than the "
+                                 f"{MAX_DATA_FILE_BYTES:,} an idx file may hold (datasets.MAX_DATA_FILE_BYTES); it "
+                                 "is damaged or not an idx file: delete it and get it again")
+            values = bytearray(file.read(size + 1))
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:
+        raise _gzip_error(path, error) from error
+    if len(values) != size:
+        found = f"{offset + len(values):,}" if len(values) < size else "more"
+        raise ValueError(f"{path}: truncated or corrupt idx file: its header promises {offset + size:,} bytes for "
+                         f"shape {shape}, the file has {found}; delete it and get it again")
+    flat = torch.frombuffer(values, dtype=torch.uint8) if values else torch.empty(0, dtype=torch.uint8)
+    return flat.view(shape)
 
 
 def _read_mnist(files: dict[str, Path], classes: list[str]) -> tuple[TensorData, TensorData]:
@@ -466,15 +539,113 @@ def _decode(data: ImageFolderData, num_workers: int) -> TensorData:
     return TensorData(torch.cat([images for images, _ in batches]), torch.cat([labels for _, labels in batches]))
 
 
-def _image_folder(path: Path) -> torchvision.datasets.ImageFolder:
+FileKey = Union[tuple[int, int], str]
+"""What makes a file itself whatever the path to it: its device and inode (a broken link: its path)."""
+
+
+def scan_image_folder(path: str | Path) -> tuple[list[tuple[str, int]], list[str]]:
+    """The images of an image folder and its classes, as ``torchvision.datasets.ImageFolder`` finds them — the classes
+    are ``path``'s subfolders, sorted; a class's images are the files named with an image ending
+    (:data:`IMAGE_EXTENSIONS`) anywhere in its folder, links followed, in the order of ``sorted(os.walk(...))`` —
+    except that a file counts once however many links lead to it.
+
+    Returns:
+        ``(samples, classes)``: ``(path, class index)`` of each image, and the class names.
+
+    Raises:
+        DatasetNotFoundError: no class subfolder, or one without images.
+        ValueError: a link leads back to a folder that holds it (a loop, which would list the same images over and
+            over), one file is in two classes, or a folder cannot be listed; the message names them.
+    """
+    samples, classes, _ = _scan_image_folder(Path(path))
+    return samples, classes
+
+
+def _scan_image_folder(root: Path) -> tuple[list[tuple[str, int]], list[str], list[FileKey]]:
+    """:func:`scan_image_folder`, with the :data:`FileKey` of each image."""
     try:
-        folder = torchvision.datasets.ImageFolder(str(path))
-    except FileNotFoundError as error:  # no class subfolder, or a class subfolder without images
-        raise DatasetNotFoundError(f"image folder {path}: {error}; it needs one subfolder of images per class")
-    if len(folder.classes) < 2:
-        raise ValueError(f"image folder {path} has {len(folder.classes)} class subfolder ({folder.classes[0]}); a "
-                         "classifier needs at least two classes, one subfolder each")
-    return folder
+        with os.scandir(root) as entries:
+            classes = sorted(entry.name for entry in entries if entry.is_dir())
+    except OSError as error:
+        raise DatasetNotFoundError(f"image folder {root}: cannot list it ({error.strerror or error})") from None
+    if not classes:
+        raise DatasetNotFoundError(f"image folder {root} has no class subfolders; it needs one subfolder of images "
+                                   "per class")
+    samples, keys, owners, empty = [], [], {}, []
+    for index, name in enumerate(classes):
+        found = _image_files(os.path.join(root, name))
+        if not found:
+            empty.append(name)
+        for file, key in found:
+            first = owners.setdefault(key, (file, name))
+            if first[1] != name:
+                raise ValueError(f"image folder {root}: {first[0]} (class {first[1]}) and {file} (class {name}) are "
+                                 "one file, through a link; an image belongs to one class, so remove one of them")
+            if first[0] == file:  # else the same image again in its own class, through a link: counted once
+                samples.append((file, index))
+                keys.append(key)
+    if empty:
+        raise DatasetNotFoundError(f"image folder {root}: the class folder(s) {', '.join(empty)} hold no images "
+                                   f"(files ending in {', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
+    return samples, classes, keys
+
+
+def _image_files(top: str) -> list[tuple[str, FileKey]]:
+    """``(path, key)`` of each image file in ``top`` and its subfolders, links followed, each folder listed once, in
+    the order of ``sorted(os.walk(top, followlinks=True))``; a link back to a folder that holds it is refused."""
+    listed: list[tuple[str, list[tuple[str, FileKey]]]] = []
+    seen: set[tuple[int, int]] = set()
+    stack = [top]
+    while stack:
+        directory = stack.pop()
+        try:
+            info = os.stat(directory)
+            if (info.st_dev, info.st_ino) in seen:  # reached again through another link
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            with os.scandir(directory) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as error:
+            raise ValueError(f"image folder: cannot list {directory} ({error.strerror or error}); fix its "
+                             "permissions or remove it") from None
+        files, folders = [], []
+        for entry in entries:
+            if entry.is_dir():  # a link to a folder too
+                if entry.is_symlink():
+                    _refuse_loop(entry.path, directory)
+                folders.append(entry.path)
+            elif entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                files.append((entry.path, _file_key(entry, info.st_dev)))
+        listed.append((directory, files))
+        stack.extend(reversed(folders))
+    listed.sort(key=lambda item: item[0])
+    return [file for _, files in listed for file in files]
+
+
+def _file_key(entry: os.DirEntry, device: int) -> FileKey:
+    if not entry.is_symlink():
+        return device, entry.inode()
+    try:
+        info = entry.stat()
+    except OSError:
+        return entry.path  # a broken link: reading it names it
+    return info.st_dev, info.st_ino
+
+
+def _refuse_loop(link: str, directory: str) -> None:
+    """Refuse ``link`` (in ``directory``) when it leads to ``directory`` or a folder that holds it."""
+    target, here = os.path.realpath(link), os.path.realpath(directory)
+    if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+        raise ValueError(f"image folder: {link} links to {target}, a folder that holds it, so its images would be "
+                         "listed over and over; remove the link")
+
+
+def _image_folder(path: Path) -> tuple[list[tuple[str, int]], list[str], list[FileKey]]:
+    samples, classes, keys = _scan_image_folder(path)
+    if len(classes) < 2:
+        raise ValueError(f"image folder {path} has {len(classes)} class subfolder ({classes[0]}); a classifier needs "
+                         "at least two classes, one subfolder each")
+    return samples, classes, keys
 
 
 def _load_image_folder(name: str, root: Path, val_size: int, seed: int, image_size: int,
@@ -485,15 +656,20 @@ def _load_image_folder(name: str, root: Path, val_size: int, seed: int, image_si
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
     has_test = (root / "train").is_dir() and (root / "test").is_dir()
-    folder = _image_folder(root / "train" if has_test else root)
-    data = ImageFolderData(folder.samples, image_size, grayscale)
+    samples, classes, keys = _image_folder(root / "train" if has_test else root)
+    data = ImageFolderData(samples, image_size, grayscale)
     test = None
     if has_test:
-        test_folder = _image_folder(root / "test")
-        if test_folder.classes != folder.classes:
-            raise ValueError(f"{root}/train has classes {folder.classes} but {root}/test has {test_folder.classes}; "
+        test_samples, test_classes, test_keys = _image_folder(root / "test")
+        if test_classes != classes:
+            raise ValueError(f"{root}/train has classes {classes} but {root}/test has {test_classes}; "
                              "both need the same class subdirectories")
-        test = ImageFolderData(test_folder.samples, image_size, grayscale)
+        trained = dict(zip(keys, (file for file, _ in samples)))
+        both = next(((file, trained[key]) for (file, _), key in zip(test_samples, test_keys) if key in trained), None)
+        if both is not None:
+            raise ValueError(f"{both[0]} is also in train/, as {both[1]} (one file, through a link): a test image must "
+                             "not be trained on, so remove one of them")
+        test = ImageFolderData(test_samples, image_size, grayscale)
     size = (len(data) + (len(test) if test is not None else 0)) * data.channels * image_size**2
     if size <= IN_MEMORY_BYTES:  # every file read once, here: a broken one is named before any training
         data = _decode(data, default_num_workers())
@@ -504,8 +680,7 @@ def _load_image_folder(name: str, root: Path, val_size: int, seed: int, image_si
     histogram = (_histogram(train.images) if isinstance(train, TensorData)
                  else _folder_histogram(train, seed, default_num_workers()))
     mean, std = _mean_std(histogram)
-    return DataSplits(name, train, val, test, list(folder.classes), (data.channels, image_size, image_size), mean, std,
-                      str(root))
+    return DataSplits(name, train, val, test, classes, (data.channels, image_size, image_size), mean, std, str(root))
 
 
 def load_dataset(
@@ -537,10 +712,12 @@ def load_dataset(
             :func:`cache_dir`).
 
     ``imagefolder:PATH`` is a ``torchvision.datasets.ImageFolder`` directory (one subdirectory per class, at least two
-    classes). If ``PATH`` has ``train/`` and ``test/`` subdirectories, test is ``PATH/test`` and train / val come
-    from ``PATH/train``; otherwise test is carved first from ``PATH``, with ``val_size`` images as well. When the
-    resized images fit in :data:`IN_MEMORY_BYTES` they are all read once, here, into :class:`TensorData` (a file that
-    is not an image stops the load, named); a larger folder is read from disk during training
+    classes), read by :func:`scan_image_folder` (each file once, links followed, loops refused). If ``PATH`` has
+    ``train/`` and ``test/`` subdirectories, test is ``PATH/test`` (no file of which may be in ``PATH/train`` too)
+    and train / val come from ``PATH/train``; otherwise test is carved first from ``PATH``, with ``val_size`` images
+    as well. When the resized images fit in :data:`IN_MEMORY_BYTES` they are all read once, here, into
+    :class:`TensorData` (a file that is not an image stops the load, named); a larger folder is read from disk during
+    training
     (:class:`ImageFolderData`, its normalisation statistics estimated from :data:`STATS_SAMPLE_SIZE` training images).
     ``data_dir``, ``download`` and ``search_dirs`` do not apply to it.
 

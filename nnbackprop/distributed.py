@@ -39,7 +39,10 @@ from nnbackprop.device import resolve_device
 from nnbackprop.errors import DistributedError, gist
 from nnbackprop.module import Module
 
-DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_TIMEOUT_S = 1800.0
+"""How long a rank waits for the others, at start-up and at each collective, before it fails: generous (torch's own
+default for gloo), because a busy machine can take minutes to start a rank, load and decode its data set, or let
+rank 0 alone write a large checkpoint, and none of that is a hang. A rank that dies is noticed at once on the CPU."""
 
 _ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -144,6 +147,9 @@ def init_distributed(device_arg: str = "auto", timeout_s: float = DEFAULT_TIMEOU
             backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
             device_id=device if backend == "nccl" else None,
         )
+        # Every rank finishes joining before any goes on: a rank that went on and failed at once (a checkpoint it
+        # refuses) would close its connections under a rank still joining, which then reports a broken group.
+        dist.barrier()
     except RuntimeError as err:
         raise DistributedError(
             f"rank {rank} of {world_size}: the process group at {address} did not form within the {timeout_s:g} s "

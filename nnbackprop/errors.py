@@ -44,12 +44,12 @@ class OutputExistsError(NNBackpropError, FileExistsError):
     """The output folder already holds a run, and neither resuming nor overwriting it was asked for."""
 
 
-class RunLockedError(NNBackpropError, RuntimeError):
-    """Another process is training into the same output folder; the message names its pid."""
-
-
 class WriteError(NNBackpropError, OSError):
     """A file could not be written; the message names it, the cause and what to do."""
+
+
+class OutputLockedError(WriteError):
+    """Another process is training into the same output folder (it holds its lock); the message names its pid."""
 
 
 class MissingExtraError(NNBackpropError, ModuleNotFoundError):

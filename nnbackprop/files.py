@@ -5,20 +5,28 @@ renamed over the destination with ``os.replace``: a reader (or a run resumed aft
 one, never half of one. When the write fails — a full disk, a read-only or missing folder, no permission — the old file
 is untouched, the temporary file is removed, and :class:`WriteError` says in one line which file and why. A run killed
 in the middle of a write leaves its temporary file; :func:`remove_stale_temp_files` clears them when the next run or
-resume starts in that folder.
+resume starts in that folder. :func:`lock_output_dir` keeps a second run from writing into a folder a first one is
+writing to.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import tempfile
 from pathlib import Path
-from typing import IO, Callable
+from typing import IO, Callable, Iterator
 
-from nnbackprop.errors import WriteError
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+from nnbackprop.errors import OutputLockedError, WriteError
 
 TEMP_SUFFIX = ".tmp"
+LOCK_FILE = ".lock"
 
 
 def _cause(error: BaseException) -> str:
@@ -33,6 +41,8 @@ def _cause(error: BaseException) -> str:
                   errno.ENOENT: "the folder does not exist; choose another --out"}.get(error.errno, "")
         return f"{os.strerror(error.errno)} ({name}){'; ' + advice if advice else ''}"
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    if isinstance(error, RuntimeError) and "inline_container" in text:  # torch.save's writer met a short write
+        return f"the write stopped short ({text}); check the free space, or write elsewhere (--out)"
     return f"{type(error).__name__}{': ' + text if text else ''}"
 
 
@@ -63,8 +73,8 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
 
 
 def _is_file_system_error(error: BaseException) -> bool:
-    """An ``OSError``, or the ``RuntimeError`` torch.save raises when its file write fails (``enforce fail at
-    inline_container.cc``, e.g. on a full disk)."""
+    """An ``OSError``, or the ``RuntimeError`` ``torch.save`` raises when its own file write fails (``enforce fail at
+    inline_container.cc``, e.g. on a full disk; serialise into a ``BytesIO`` first to get the ``OSError``)."""
     return isinstance(error, OSError) or (isinstance(error, RuntimeError) and "inline_container" in str(error))
 
 
@@ -117,3 +127,90 @@ def remove_stale_temp_files(directory: str | Path, names: tuple[str, ...]) -> li
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
+
+
+@contextlib.contextmanager
+def lock_output_dir(directory: str | Path) -> Iterator[Path]:
+    """Hold the output folder ``directory`` for one run: a second run that asks for it while the first holds it (two
+    ``--overwrite`` runs, a ``--resume`` of a run still going) raises :class:`OutputLockedError` naming the holder's
+    pid, instead of writing over the first run's files.
+
+    The lock is an ``fcntl.flock`` on ``directory/.lock`` (created, with the folder, if needed), which holds the pid
+    of its holder. The kernel releases it when the holder ends, however it ends, so the lock file of a process that
+    died is taken over; on leaving the ``with`` block the file is removed and the lock released. Where the file system
+    has no ``flock`` (or the platform no ``fcntl``), the pid in the file decides: a living process keeps the folder.
+
+    Raises:
+        OutputLockedError: another process holds the folder. WriteError: the folder or its lock file cannot be
+            written.
+    """
+    directory = prepare_output_dir(directory)
+    path = directory / LOCK_FILE
+    fd = _lock(path)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)  # before the unlock: a run waiting on this file sees it gone and opens anew
+        os.close(fd)
+
+
+def _lock(path: Path) -> int:
+    """Open ``path``, hold it and write this process's pid into it; return the file descriptor."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as error:
+            raise WriteError(f"cannot lock the output folder {path.parent} ({path.name}): {_cause(error)}") from error
+        try:
+            if not _try_flock(fd):
+                pid = _holder(fd)
+                raise OutputLockedError(f"{path.parent} is in use by another run ("
+                                        f"{'pid ' + str(pid) if pid is not None else 'its pid not yet written'}), "
+                                        "which writes its results there; wait for it to end, or write elsewhere "
+                                        "(--out)")
+            try:
+                held = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                held = False
+            if held:  # else the holder removed the file between our open and our lock: open it anew
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def _try_flock(fd: int) -> bool:
+    """Take the lock on ``fd`` without waiting; ``False`` when another process holds it. Without ``flock``, whether
+    the pid in the file is not a living process's."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        except OSError as error:
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+    pid = _holder(fd)
+    if pid is None or pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists, under another user
+        return False
+    return False
+
+
+def _holder(fd: int) -> int | None:
+    """The pid written in the lock file ``fd``, if any."""
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        text = os.read(fd, 32).decode("ascii", "replace").strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from nnbackprop.losses import Loss
-from nnbackprop.module import Module
+from nnbackprop.module import HIDDEN_FROM_AUTOGRAD, Module, ReferenceForwardError
 
 TOLERANCES: dict[torch.dtype, float] = {
     torch.float64: 1e-10,
@@ -137,8 +137,14 @@ def check_gradients(
             raise ValueError(f"check_gradients({module.name}): a loss needs a target")
         out = module(x, target)
         with torch.enable_grad():
-            ref_out = module.reference_forward(x_ref, target)
+            try:
+                ref_out = module.reference_forward(x_ref, target)
+            except NotImplementedError:
+                raise ReferenceForwardError(f"check_gradients({module.name}): the loss has no reference_forward; write "
+                                            "reference_forward(self, input, target) with torch.nn.functional or other "
+                                            "differentiable torch ops") from None
         dx = module.backward()
+        _check_connected(module, ref_out)
         (ref_dx,) = torch.autograd.grad(ref_out, [x_ref])
         report.checks.append(compare("loss", out, ref_out, tol))
         report.checks += _compare_grads([("input", dx, ref_dx)], tol)
@@ -158,11 +164,36 @@ def check_gradients(
         dx = module.backward(dout)
     finally:
         module.needs_input_grad = needs_input_grad
+    _check_connected(module, ref_out)
     ref_grads = torch.autograd.grad(ref_out, [x_ref, *params.values()], dout, allow_unused=True)
-    report.checks.append(compare("output", out, ref_out, tol))
     ours = [("input", dx), *((name, p.grad) for name, p in named)]
+    _check_reached(module, ours, ref_grads)
+    report.checks.append(compare("output", out, ref_out, tol))
     report.checks += _compare_grads([(n, g, r) for (n, g), r in zip(ours, ref_grads)], tol)
     return report
+
+
+def _check_connected(module: Module, ref_out: Any) -> None:
+    """Refuse a reference output autograd cannot differentiate."""
+    if not isinstance(ref_out, Tensor) or not ref_out.requires_grad:
+        what = "a tensor not connected to the input or parameters" if isinstance(ref_out, Tensor) else \
+            f"a {type(ref_out).__name__}"
+        raise ReferenceForwardError(f"check_gradients({module.name}): its reference_forward returned {what}; build "
+                                    f"its result from x and params with differentiable torch ops (no "
+                                    f"{HIDDEN_FROM_AUTOGRAD})")
+
+
+def _check_reached(module: Module, ours: list[tuple[str, Tensor | None]], ref_grads: tuple[Tensor | None, ...]) -> None:
+    """Refuse a reference that autograd cannot trace back to a tensor whose hand-written gradient is not zero, when a
+    layer without a reference_forward of its own (whose forward autograd ran) can be the cause."""
+    unreached = [name for (name, grad), ref in zip(ours, ref_grads)
+                 if ref is None and grad is not None and grad.numel() and bool(grad.detach().abs().max() > 0)]
+    own = [m.name for m in module.modules() if type(m).reference_forward is Module.reference_forward]
+    if unreached and own:
+        raise ReferenceForwardError(
+            f"check_gradients({module.name}): autograd finds no path from the output to {', '.join(unreached)}, whose "
+            f"hand-written gradient is not zero: the forward of {', '.join(own)} hides them from autograd "
+            f"({HIDDEN_FROM_AUTOGRAD}?); write a reference_forward(self, x, params) with differentiable torch ops")
 
 
 def _compare_grads(grads: list[tuple[str, Tensor | None, Tensor | None]], tol: float) -> list[TensorCheck]:

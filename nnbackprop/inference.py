@@ -16,15 +16,14 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-import torchvision
 from torch import Tensor
 
 from nnbackprop.build import EVAL_BATCH_SIZE, build_loss, build_model, dtypes
 from nnbackprop.checkpoint import load_checkpoint, load_into, resolve_checkpoint, saved_config
 from nnbackprop.config import TrainConfig
-from nnbackprop.datasets import ImageFolderData, SplitData, load_dataset, read_image
+from nnbackprop.datasets import ImageFolderData, SplitData, load_dataset, read_image, scan_image_folder
 from nnbackprop.device import resolve_device
-from nnbackprop.errors import CheckpointError, ConfigError, DatasetNotFoundError, MissingFileError, one_line
+from nnbackprop.errors import CheckpointError, ConfigError, DatasetNotFoundError, MissingFileError
 from nnbackprop.evaluation import class_probabilities, evaluate
 from nnbackprop.loaders import make_loader, normalize
 from nnbackprop.losses import Loss
@@ -242,13 +241,8 @@ def image_folder_split(root: str | Path, input_shape: Sequence[int]) -> tuple[Im
         raise ValueError(f"the model takes {height}x{width} images; an image folder is read as squares")
     has_test = (root / "train").is_dir() and (root / "test").is_dir()
     folder = root / "test" if has_test else root
-    try:
-        found = torchvision.datasets.ImageFolder(str(folder))
-    except FileNotFoundError as error:
-        raise DatasetNotFoundError(f"{folder}: {one_line(error)}; it needs one subfolder of images per class") \
-            from error
-    return ImageFolderData(found.samples, height, grayscale=channels == 1), list(found.classes), \
-        "test" if has_test else "all"
+    samples, classes = scan_image_folder(folder)
+    return ImageFolderData(samples, height, grayscale=channels == 1), classes, "test" if has_test else "all"
 
 
 def _same_data_set(name: str, trained_on: str) -> bool:

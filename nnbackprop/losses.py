@@ -69,8 +69,13 @@ class Loss(Module):
         if input.dim() not in ndim:
             shapes = " or ".join({1: "(N,)", 2: "(N, C)"}[d] for d in ndim)
             raise ValueError(f"{self.name}: expected input of shape {shapes}, got {tuple(input.shape)}")
-        if input.shape[0] == 0:
-            raise ValueError(f"{self.name}: got an empty batch")
+        self._check_not_empty(input)
+
+    def _check_not_empty(self, input: Tensor) -> None:
+        """A loss over no examples is undefined (a mean of nothing is NaN): refuse it."""
+        if input.numel() == 0:
+            raise ValueError(f"{self.name}: got an empty batch (input of shape {tuple(input.shape)}); a loss needs at "
+                             "least one example, so check the loader or the slicing that made the batch")
 
     def _check_target_device(self, input: Tensor, target: Tensor) -> None:
         if target.device != input.device:
@@ -201,6 +206,7 @@ class MSELoss(Loss):
 
     def _as_target(self, input: Tensor, target: Any) -> Tensor:
         self.check_input(input)
+        self._check_not_empty(input)
         if isinstance(target, Tensor) and not target.is_floating_point() and input.dim() == 2:
             labels = self._class_indices(input, target)
             try:

@@ -51,6 +51,15 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from nnbackprop.errors import gist
+
+HIDDEN_FROM_AUTOGRAD = ".data, .detach(), .item(), NumPy, in-place ops on the input"
+"""What in a forward keeps autograd from following it (named in :class:`ReferenceForwardError`)."""
+
+
+class ReferenceForwardError(ValueError):
+    """The gradient checker cannot differentiate a module's forward with autograd: write its ``reference_forward``."""
+
 
 class Parameter(torch.nn.Parameter):
     """A trainable tensor of a :class:`Module`, and its gradient.
@@ -73,6 +82,9 @@ class Parameter(torch.nn.Parameter):
             data = torch.empty(0)
         if not isinstance(data, Tensor):
             raise TypeError(f"Parameter expects a torch.Tensor, got {type(data).__name__}")
+        if not data.is_floating_point():
+            raise TypeError(f"Parameter expects a floating-point tensor, got dtype {data.dtype}: gradient steps need "
+                            "real numbers; convert it first, e.g. Parameter(data.float())")
         return torch.Tensor._make_subclass(cls, data.detach(), False)
 
     def bind_grad_home(self, home: Tensor | None) -> None:
@@ -397,12 +409,25 @@ class Module:
                 m.__dict__["_workspace"] = None
             for m, name, _, path in swapped:
                 object.__setattr__(m, name, params[path].as_subclass(_StandIn))
-            return self.forward(x)
+            out = self.forward(x)
+        except ReferenceForwardError:
+            raise
+        except Exception as error:  # a forward autograd cannot run (NumPy on a tensor that requires grad, ...)
+            raise self._untraceable(gist(error)) from error
         finally:
             for m, name, p, _ in swapped:
                 object.__setattr__(m, name, p)
             for m, state in saved:
                 m.__dict__.update(state)
+        if (isinstance(out, Tensor) and not out.requires_grad
+                and (x.requires_grad or any(v.requires_grad for v in params.values()))):
+            raise self._untraceable("its output is not connected to its input or parameters")
+        return out
+
+    def _untraceable(self, why: str) -> ReferenceForwardError:
+        return ReferenceForwardError(
+            f"{self.name}: autograd cannot follow its forward ({why}); write a reference_forward(self, x, params) "
+            f"for it with differentiable torch ops (no {HIDDEN_FROM_AUTOGRAD}), see Module.reference_forward")
 
     def to_torch(self) -> torch.nn.Module:
         """The equivalent ``torch.nn`` module, holding copies of this module's parameters and buffers (the same

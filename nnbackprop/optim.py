@@ -195,6 +195,55 @@ class Optimizer(torch.optim.Optimizer):
             self._scalar_tensors[key] = (values, tensors)
         return tensors
 
+    def _state_names(self, group: dict[str, Any]) -> tuple[set[str], set[str]]:
+        """``(required, allowed)``: the state a parameter of ``group`` has once it has any, and all it may have."""
+        raise NotImplementedError
+
+    def _state_problem(self, state_dict: Any) -> str | None:
+        """What in ``state_dict``'s per-parameter state does not fit this optimizer and its parameters, or ``None``
+        (also when its groups do not match these, which torch's ``load_state_dict`` reports)."""
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict) or not isinstance(
+                state_dict.get("param_groups"), list):
+            return "it is not an optimizer's state dict (a dict with 'state' and 'param_groups')"
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups) or any(
+                not isinstance(saved, dict) or len(saved.get("params", ())) != len(own["params"])
+                for saved, own in zip(saved_groups, self.param_groups)):
+            return None
+        params = {index: (param, saved) for saved, own in zip(saved_groups, self.param_groups)
+                  for index, param in zip(saved["params"], own["params"])}
+        for index, entry in state_dict["state"].items():
+            if index not in params:
+                return f"it has state for parameter {index!r}, which none of its parameter groups lists"
+            if not isinstance(entry, dict):
+                return f"the state of parameter {index} is a {type(entry).__name__}, not a dict"
+            param, group = params[index]
+            required, allowed = self._state_names(group)
+
+            def shape(value: Any) -> str:
+                return f"shape {tuple(value.shape)}" if isinstance(value, Tensor) else f"a {type(value).__name__}"
+
+            for name, value in entry.items():
+                if name not in allowed:
+                    return (f"parameter {index} (shape {tuple(param.shape)}) has state {name!r} ({shape(value)}), "
+                            f"which {type(self).__name__} does not keep (it keeps {', '.join(sorted(allowed))})")
+                if value is None and name not in required:
+                    continue
+                if name == "step" and not (isinstance(value, Tensor) and value.dim() == 0):
+                    return f"parameter {index} has state 'step' of {shape(value)}, where a 0-dim tensor belongs"
+                if name != "step" and not (isinstance(value, Tensor) and value.shape == param.shape):
+                    return (f"parameter {index} has state {name!r} of {shape(value)}, but the parameter has shape "
+                            f"{tuple(param.shape)}")
+            missing = sorted(required - set(entry)) if entry else []
+            if missing:
+                return f"parameter {index} (shape {tuple(param.shape)}) lacks the state {', '.join(map(repr, missing))}"
+        for i, saved in enumerate(saved_groups):
+            missing = sorted(set(self.defaults) - set(saved))
+            if missing:
+                return (f"its parameter group {i} lacks the settings {', '.join(missing)} of {type(self).__name__} (it "
+                        "was saved by another optimizer)")
+        return None
+
     def refresh_scalars(self) -> None:
         """Bring the device copies of the flat group's hyperparameters up to date without a step (before a CUDA graph
         replay)."""
@@ -217,9 +266,21 @@ class Optimizer(torch.optim.Optimizer):
         return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """torch's ``load_state_dict``; the fast layout's group then takes the loaded values into its flat tensors in
-        place, at full precision (torch would round them to a 16-bit parameter dtype)."""
-        originals = {index: dict(entry) for index, entry in state_dict.get("state", {}).items()}
+        """torch's ``load_state_dict``, after checking that ``state_dict`` holds this optimizer's kind of state
+        (:meth:`_state_names`) for parameters of these shapes; the fast layout's group then takes the loaded values
+        into its flat tensors in place, at full precision (torch would round them to a 16-bit parameter dtype).
+
+        Raises:
+            ValueError: a parameter's state holds a name this optimizer does not keep (another optimizer's state),
+                lacks one it needs, or has a tensor of another shape than the parameter (another model's state);
+                the message names the parameter index, the state and the shapes. torch's own checks (the number of
+                parameter groups and of parameters in each) follow.
+        """
+        problem = self._state_problem(state_dict)
+        if problem:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: {problem}; load a state dict that this optimizer "
+                             "class saved for the same model")
+        originals = {index: dict(entry) for index, entry in state_dict["state"].items()}
         super().load_state_dict(state_dict)
         if self._flat is not None:
             ids = [i for group in state_dict["param_groups"] for i in group["params"]]
@@ -304,6 +365,9 @@ class SGD(Optimizer):
 
     def _structure(self, group: dict[str, Any]) -> tuple:
         return (group["momentum"] != 0, group["dampening"] != 0, group["weight_decay"] != 0, group["nesterov"])
+
+    def _state_names(self, group: dict[str, Any]) -> tuple[set[str], set[str]]:
+        return ({"momentum_buffer"} if group.get("momentum", 0) != 0 else set()), {"momentum_buffer"}
 
     def _update(self, group: dict[str, Any], param: Tensor, grad: Tensor, state: dict[str, Any],
                 scalars: tuple[Tensor, ...]) -> None:
@@ -395,6 +459,10 @@ class Adam(Optimizer):
 
     def _structure(self, group: dict[str, Any]) -> tuple:
         return (group["weight_decay"] != 0, group["amsgrad"])
+
+    def _state_names(self, group: dict[str, Any]) -> tuple[set[str], set[str]]:
+        required = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if group.get("amsgrad") else set())
+        return required, required | {"max_exp_avg_sq"}
 
     def _update(self, group: dict[str, Any], param: Tensor, grad: Tensor, state: dict[str, Any],
                 scalars: tuple[Tensor, ...]) -> None:

@@ -28,13 +28,14 @@ and ``config.toml`` (the resolved configuration, which ``--config`` reads back).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -54,7 +55,7 @@ from nnbackprop.distributed import (DistContext, all_reduce_mean_hook, broadcast
                                     local_batch_size, rank_seed, reduce_metrics)
 from nnbackprop.errors import ConfigError, NonFiniteLossError, OutputExistsError
 from nnbackprop.evaluation import evaluate
-from nnbackprop.files import prepare_output_dir, remove_stale_temp_files, write_text
+from nnbackprop.files import lock_output_dir, remove_stale_temp_files, write_text
 from nnbackprop.loaders import Loader, make_loader
 from nnbackprop.losses import Loss
 from nnbackprop.metrics import METRICS_FILE, EpochMetrics, write_metrics
@@ -154,13 +155,39 @@ def train(config: TrainConfig, model: Module | None = None, data: DataSplits | N
             and validation and test metrics reduced over the ranks. Only rank 0 reports to ``callback`` and writes
             files; a checkpoint resumes on the same number of ranks.
 
+    The output folder is held for the run (:func:`~nnbackprop.files.lock_output_dir`): a second run on it, while this
+    one goes on, is refused. ``config.threads`` sets torch's CPU threads for the run (restored afterwards).
+
     Raises:
         Subclasses of :class:`~nnbackprop.errors.NNBackpropError`, each with a one-line message: ConfigError (bad
         settings, or a model or data that does not fit them), CheckpointError (an unreadable checkpoint, or one
         written with other settings), OutputExistsError (the output folder holds a run and neither ``resume`` nor
-        ``overwrite`` is set), WriteError (a file cannot be written), DatasetNotFoundError, NonFiniteLossError (the
-        training diverged).
+        ``overwrite`` is set), WriteError (a file cannot be written; OutputLockedError: another run writes to the
+        output folder), DatasetNotFoundError, NonFiniteLossError (the training diverged).
     """
+    with contextlib.ExitStack() as held, _threads(config.threads):
+        return _train(config, model, data, out_dir=out_dir, resume=resume, overwrite=overwrite, callback=callback,
+                      dist=dist, held=held)
+
+
+@contextlib.contextmanager
+def _threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU threads set to ``threads`` (``None``: left as they are) for the ``with`` block."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(config: TrainConfig, model: Module | None, data: DataSplits | None, *, out_dir: str | Path | None,
+           resume: bool, overwrite: bool, callback: TrainCallback | Sequence[TrainCallback] | None,
+           dist: DistContext | None, held: contextlib.ExitStack) -> TrainResult:
+    """:func:`train`; the output folder's lock goes into ``held``, which :func:`train` releases when it returns."""
     started = time.perf_counter()
     if resume and overwrite:
         raise ConfigError("resume continues the run in the output folder and overwrite starts it afresh: choose one")
@@ -181,7 +208,7 @@ def train(config: TrainConfig, model: Module | None = None, data: DataSplits | N
         callbacks.append(TensorBoardLogger(out))
     callback = Callbacks(callbacks) if dist.is_main else TrainCallback()
     if writes:
-        prepare_output_dir(out)
+        held.enter_context(lock_output_dir(out))  # creates the folder, proves it writable, holds it for this run
         remove_stale_temp_files(out, RUN_FILES)
     saved = checkpoint_to_resume(checkpoint_path, device, dist.world_size) if resume else None
     if not resume and checkpoint_path is not None and checkpoint_path.exists() and not overwrite:

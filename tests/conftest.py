@@ -11,6 +11,10 @@ import torch
 from nnbackprop.gradcheck import GradCheckReport
 
 ROOT = Path(__file__).resolve().parents[1]
+SUBPROCESS_TIMEOUT_S = 1800.0
+"""How long a test waits for a command it starts: a safety net that only a command that hangs reaches, whatever the
+load of the machine (importing torch alone has taken 20 s on a busy one). Tests that check how fast something fails
+measure that themselves."""
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=[CUDA, pytest.mark.cuda])]
 DTYPES = [pytest.param(torch.float64, id="float64"), pytest.param(torch.float32, id="float32")]

@@ -103,3 +103,54 @@ def test_experiment_scripts_parse_the_same_options(capsys):
     with pytest.raises(SystemExit):
         parse_config(["--lr", "-1"])
     assert capsys.readouterr().err == "nnbackprop: error: invalid training configuration: lr must be > 0, got -1.0\n"
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(epochs=2**63 - 1), "epochs must be <= 100000, got 9223372036854775807"),
+    (dict(hidden=(2**63 - 1,)), r"hidden values must each be <= 65536, got \(9223372036854775807,\)"),
+    (dict(hidden=(8,) * 5000),
+     r"hidden must list at most 1000 values, not 5000, got \(8, 8, 8, 8, 8, 8, 8, 8, \.\.\.\)"),
+    (dict(batch_size=10**12), "batch_size must be <= 1000000, got 1000000000000"),
+    (dict(image_size=100_000), "image_size must be <= 1024, got 100000"),
+    (dict(log_every=2**40), "log_every must be <= 1000000"),
+    (dict(patience=2**31), "patience must be <= 100000"),
+    (dict(step_epochs=2**31), "step_epochs must be <= 100000"),
+    (dict(warmup_epochs=1e300, schedule="constant"), "warmup_epochs must be <= 100000"),
+    (dict(shift=2**20), "shift must be <= 1024"),
+    (dict(seed=2**64), "seed must be <= 4611686018427387904"),
+    (dict(threads=0), "threads must be >= 1, got 0"),
+    (dict(threads=10**6), "threads must be <= 1024"),
+])
+def test_every_setting_is_bounded_to_what_makes_sense(changes, message):
+    """``epochs = 2**63 - 1`` was accepted (and trained forever), ``hidden = [2**63 - 1]`` overflowed in torch."""
+    with pytest.raises(ValueError, match=message) as info:
+        TrainConfig(**changes)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 200
+
+
+def test_threads_is_a_setting_with_an_option():
+    assert TrainConfig().threads is None
+    assert _parse(["--threads", "3"]).threads == 3
+    assert "threads" in TrainConfig.resumable()
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"hidden = " + b"[" * 100_000 + b"]" * 100_000 + b"\n",
+     r"its values are nested too deeply to be settings \(a setting is a value or a list of values\); fix the file"),
+    (b"epochs = 3\n# caf\xe9 au lait\n", r"not UTF-8 text \(byte 0xe9 at offset 16\); save it as UTF-8"),
+    (b"hidden = [9223372036854775807]\n", r"hidden values must each be <= 65536, got \(9223372036854775807,\)"),
+    (b"epochs = 9223372036854775807\n", "epochs must be <= 100000, got 9223372036854775807"),
+], ids=["nested-100000-deep", "latin-1", "huge-width", "endless-epochs"])
+def test_a_config_file_that_cannot_be_settings_is_one_line_naming_it(tmp_path, content, message):
+    path = tmp_path / "run.toml"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as info:
+        load_config_file(path)
+    assert str(info.value).startswith(f"config file {path}: ") and "\n" not in str(info.value)
+
+
+def test_a_nested_json_summary_names_the_file(tmp_path):
+    path = tmp_path / "summary.json"
+    path.write_text('{"config": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ValueError, match=f"config file {path}: its values are nested too deeply"):
+        load_config_file(path)

@@ -6,16 +6,21 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import struct
+import warnings
+import zlib
 from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 from datagen import (CIFAR10_CLASSES, fake_images, image_ids, write_fake_cifar10, write_fake_mnist,
                      write_idx, write_image_folder)
+from PIL import Image, JpegImagePlugin
 
 from nnbackprop import datasets
 from nnbackprop.datasets import (MNIST_FILES, SYSTEM_FASHION_MNIST, DatasetNotFoundError, ImageFolderData, TensorData,
-                                 load_dataset, read_idx)
+                                 load_dataset, read_idx, read_image, scan_image_folder)
 from nnbackprop.loaders import make_loader
 
 FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -290,3 +295,162 @@ def test_system_fashion_mnist():
     assert splits.mean[0] == pytest.approx(0.2860, abs=2e-3) and splits.std[0] == pytest.approx(0.3530, abs=2e-3)
     with gzip.open(SYSTEM_FASHION_MNIST / "t10k-labels-idx1-ubyte.gz") as file:
         assert splits.test.labels[:5].tolist() == list(file.read()[8:13])
+
+
+# --- faults: links, 16-bit images, huge images, gzip bombs ---------------------------------------------------------
+
+
+def test_a_symlink_loop_in_an_image_folder_is_refused(tmp_path):
+    """``cat/loop -> ..`` turned 24 files into 984 samples, test images among the training ones."""
+    write_image_folder(tmp_path, per_class=12)
+    (tmp_path / "cat" / "loop").symlink_to("..")
+    with pytest.raises(ValueError) as info:
+        load_dataset(f"imagefolder:{tmp_path}", val_size=2, image_size=8)
+    assert str(info.value) == (f"image folder: {tmp_path / 'cat' / 'loop'} links to {tmp_path}, a folder that holds "
+                               "it, so its images would be listed over and over; remove the link")
+
+
+def test_each_image_file_counts_once_however_many_links_lead_to_it(tmp_path):
+    root = tmp_path / "pets"
+    write_image_folder(root, per_class=6)
+    (root / "cat" / "again.png").symlink_to(root / "cat" / "0.png")
+    (tmp_path / "more").mkdir()
+    Image.new("L", (9, 9), 0).save(tmp_path / "more" / "extra.png")
+    (root / "cat" / "more").symlink_to(tmp_path / "more")  # a folder of cats kept elsewhere, linked twice
+    (root / "cat" / "more-again").symlink_to(tmp_path / "more")
+    samples, classes = scan_image_folder(root)
+    assert classes == ["cat", "dog"] and len(samples) == 13
+    files = [Path(path).name for path, label in samples if label == 0]
+    assert sorted(files) == ["0.png", "1.png", "2.png", "3.png", "4.png", "5.png", "extra.png"]
+    assert len({os.path.realpath(path) for path, _ in samples}) == len(samples)
+
+
+def test_one_file_in_two_classes_or_in_train_and_test_is_refused(tmp_path):
+    write_image_folder(tmp_path / "classes", per_class=3)
+    (tmp_path / "classes" / "dog" / "cat-0.png").symlink_to(tmp_path / "classes" / "cat" / "0.png")
+    with pytest.raises(ValueError, match=r"cat/0.png \(class cat\) and .*dog/cat-0.png \(class dog\) are one file"):
+        scan_image_folder(tmp_path / "classes")
+    write_image_folder(tmp_path / "split" / "train", per_class=4)
+    write_image_folder(tmp_path / "split" / "test", per_class=2)
+    (tmp_path / "split" / "train" / "dog" / "seen").symlink_to(tmp_path / "split" / "test" / "dog")
+    with pytest.raises(ValueError, match=r"test/dog/0.png is also in train/, as .*train/dog/seen/0.png .*a test image "
+                                         "must not be trained on"):
+        load_dataset(f"imagefolder:{tmp_path / 'split'}", val_size=1, image_size=8)
+
+
+def test_an_image_folder_is_listed_as_torchvision_lists_it(tmp_path):
+    """The order of the files decides the validation and test splits: it must stay torchvision's."""
+    write_image_folder(tmp_path, per_class=4, classes=("b", "a", "c-d"))
+    for name in ("a/x", "a/x/y", "a/x-z", "a/X"):
+        (tmp_path / name).mkdir()
+        Image.new("L", (3, 3)).save(tmp_path / name / "i.PNG")
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    found = torchvision.datasets.ImageFolder(str(tmp_path))
+    assert scan_image_folder(tmp_path) == (found.samples, found.classes)
+
+
+def _gradient_16_bit(path: Path) -> Path:
+    """A 256 x 4 grey PNG of 16 bits, column ``v`` holding ``257 v``: full range, 0 to 65535."""
+    Image.fromarray((torch.arange(256, dtype=torch.int32) * 257).repeat(4, 1).numpy().astype("uint16")).save(path)
+    return path
+
+
+def test_16_bit_images_are_read_at_full_range(tmp_path):
+    """A full-range 16-bit gradient read with 255 of its 256 columns at 255."""
+    png = _gradient_16_bit(tmp_path / "gradient.png")
+    assert Image.open(png).mode == "I;16"
+    pgm = tmp_path / "gradient.pgm"  # PIL reads 16-bit PGM as mode I
+    pgm.write_bytes(b"P5 256 4 65535\n" + (torch.arange(256) * 257).repeat(4, 1).numpy().astype(">u2").tobytes())
+    assert Image.open(pgm).mode == "I"
+    for path in (png, pgm):
+        for channels in (1, 3):
+            image = read_image(path, (channels, 4, 256))
+            assert torch.equal(image, torch.arange(256, dtype=torch.uint8).expand(channels, 4, 256)), path
+    odd = tmp_path / "odd.png"  # v -> round(v * 255 / 65535)
+    Image.fromarray(torch.tensor([[0, 128, 129, 385, 386, 65407, 65535]]).numpy().astype("uint16")).save(odd)
+    assert read_image(odd, (1, 1, 7)).flatten().tolist() == [0, 0, 1, 1, 2, 255, 255]
+
+
+def _png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG whose header promises ``width x height`` grey pixels, with almost no data (cheap to write, costly to
+    decode)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize("side, pixels", [(12000, "12000x12000 pixels (144 megapixels)"), (20000, "400 megapixels")],
+                         ids=["above-our-limit", "above-PIL's-own-limit"])
+def test_a_huge_image_is_refused_before_it_is_decoded(tmp_path, side, pixels):
+    path = _png_header_only(tmp_path / "huge.png", side, side)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError) as info:
+            read_image(path, (3, 32, 32))
+    assert str(info.value) == (f"{path}: {pixels} is more than the 120 megapixels an image may have "
+                               "(datasets.MAX_IMAGE_PIXELS); downscale the file, or remove it")
+    assert [str(w.message) for w in caught] == []
+
+
+def test_a_camera_photo_is_decoded_reduced(tmp_path, monkeypatch):
+    """24 megapixels (6000 x 4000), left half red, right half blue: read at 1/8 of its size, then resized."""
+    photo = Image.new("RGB", (6000, 4000), (255, 0, 0))
+    photo.paste((0, 0, 255), (3000, 0, 6000, 4000))
+    photo.save(tmp_path / "photo.jpg", quality=90)
+    reduced = []
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+
+    def draft(self, mode, size):
+        result = real_draft(self, mode, size)
+        reduced.append(self.size)
+        return result
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft", draft)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        image = read_image(tmp_path / "photo.jpg", (3, 32, 32)).int()
+    assert reduced == [(750, 500)]
+    assert (image[0, :, :14] > 240).all() and (image[2, :, :14] < 15).all()
+    assert (image[2, :, 18:] > 240).all() and (image[0, :, 18:] < 15).all()
+
+
+class _CountingGzipFile(gzip.GzipFile):
+    """Counts the bytes it hands out, so a test can tell how much of a file was unpacked."""
+
+    unpacked = 0
+
+    def read(self, size=-1):
+        data = super().read(size)
+        _CountingGzipFile.unpacked += len(data)
+        return data
+
+
+@pytest.mark.parametrize("header", [b"", struct.pack(">BBBBIII", 0, 0, 8, 3, 10, 28, 28),
+                                    struct.pack(">BBBBIII", 0, 0, 8, 3, 100_000, 1000, 1000)],
+                         ids=["zeros", "a valid header, then far more", "a header promising 100 GB"])
+def test_a_gzip_bomb_is_never_unpacked(tmp_path, monkeypatch, header):
+    """64 MiB of zeros after the header (the testers' bomb was 4 GiB) compress to 64 kB; only what the header
+    promises, and one byte more, may be read."""
+    member = gzip.compress(bytes(2**20), compresslevel=9)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(gzip.compress(header) + member * 64)
+    monkeypatch.setattr(datasets.gzip, "open", lambda name, mode: _CountingGzipFile(name, mode))
+    _CountingGzipFile.unpacked = 0
+    with pytest.raises(ValueError) as info:
+        read_idx(path)
+    assert _CountingGzipFile.unpacked <= 4 + 12 + 10 * 28 * 28 + 1
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert {b"": "not an idx file", header[:4] + b"\x00\x00\x00\x0a": "the file has more",
+            header[:4] + b"\x00\x01\x86\xa0": "more than the 2,147,483,648 an idx file may hold"}[header[:8]] in message
+
+
+def test_a_cifar_batch_larger_than_any_is_refused(tmp_path, monkeypatch):
+    write_fake_cifar10(tmp_path)
+    monkeypatch.setattr(datasets, "MAX_DATA_FILE_BYTES", 10_000)
+    with pytest.raises(ValueError, match=r"data_batch_1: holds more than 10,000 bytes, more than a data file of its "
+                                         "kind"):
+        load_dataset("cifar10-catdog", data_dir=tmp_path, search_dirs=[])

@@ -1,5 +1,6 @@
 """Writing a run's files: atomic replacement, one-line errors for a full disk, a read-only or missing folder, a path
-through a file; no temporary file left behind, and the ones a killed run left removed at the next start."""
+through a file; no temporary file left behind, and the ones a killed run left removed at the next start; one run at a
+time in an output folder."""
 
 from __future__ import annotations
 
@@ -7,14 +8,18 @@ import contextlib
 import errno
 import os
 import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
 
 import pytest
+from conftest import SUBPROCESS_TIMEOUT_S, subprocess_env
 
 from nnbackprop import files
-from nnbackprop.files import WriteError, atomic_write, prepare_output_dir, remove_stale_temp_files, write_text
+from nnbackprop.files import (LOCK_FILE, OutputLockedError, WriteError, atomic_write, lock_output_dir,
+                              prepare_output_dir, remove_stale_temp_files, write_text)
 
 
 def _temp_files(directory: Path) -> list[str]:
@@ -121,3 +126,73 @@ def test_stale_temporary_files_are_removed(tmp_path):
     keep.write_bytes(b"not ours")
     assert sorted(remove_stale_temp_files(tmp_path, ("checkpoint.pt", "metrics.jsonl"))) == sorted(stale)
     assert _temp_files(tmp_path) == [".other.tmp"]
+
+
+# ------------------------------------------------------------------------------------------------------ the lock
+
+
+def test_a_held_output_folder_is_refused_naming_the_holder(tmp_path):
+    with lock_output_dir(tmp_path / "run") as lock:
+        assert lock.read_text() == f"{os.getpid()}\n"
+        with pytest.raises(OutputLockedError) as info:
+            with lock_output_dir(tmp_path / "run"):
+                pass
+        assert str(info.value) == (f"{tmp_path / 'run'} is in use by another run (pid {os.getpid()}), which writes "
+                                   "its results there; wait for it to end, or write elsewhere (--out)")
+        assert lock.exists()
+    assert not lock.exists()
+    with lock_output_dir(tmp_path / "run"):  # released: free again
+        pass
+
+
+def test_the_lock_of_a_dead_process_is_taken_over(tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (tmp_path / LOCK_FILE).write_text(f"{dead.pid}\n")
+    with lock_output_dir(tmp_path) as lock:
+        assert lock.read_text() == f"{os.getpid()}\n"
+
+
+def test_train_refuses_a_folder_another_run_writes_to(tmp_path):
+    """Two --overwrite runs, or a --resume while the first runs, both ended well and one run's results vanished."""
+    from nnbackprop import TrainConfig, train
+
+    (tmp_path / "checkpoint.pt").write_bytes(b"the first run's")
+    with lock_output_dir(tmp_path):
+        for options in (dict(overwrite=True), dict(resume=True)):
+            with pytest.raises(OutputLockedError, match=f"pid {os.getpid()}"):
+                train(TrainConfig(dataset="nowhere-to-be-read", device="cpu"), out_dir=tmp_path, **options)
+    assert (tmp_path / "checkpoint.pt").read_bytes() == b"the first run's"
+
+
+def test_a_second_trainer_on_the_same_folder_is_refused_and_the_first_goes_on(tmp_path):
+    """``nnbackprop train`` twice on one --out: the second (--overwrite, --resume) stops in one line naming the first
+    one's pid; the first one's checkpoint is untouched."""
+    from datagen import write_fake_mnist
+
+    from nnbackprop.checkpoint import load_checkpoint
+
+    write_fake_mnist(tmp_path / "data", n_train=200, n_test=20)
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "nnbackprop", "train", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"),
+               "--val-size", "20", "--hidden", "8", "--batch-size", "20", "--device", "cpu", "--quiet", "--out",
+               str(out)]
+    env = {**subprocess_env(), "NNBACKPROP_DATA": str(tmp_path / "cache")}
+    first = subprocess.Popen([*command, "--epochs", "100000", "--schedule", "constant"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
+        while not (out / "checkpoint.pt").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert first.poll() is None and (out / "checkpoint.pt").exists(), first.stderr.read() if first.stderr else ""
+        for option in ("--overwrite", "--resume"):
+            second = subprocess.run([*command, option], env=env, capture_output=True, text=True,
+                                    timeout=SUBPROCESS_TIMEOUT_S)
+            assert second.returncode == 2 and second.stdout == ""
+            assert second.stderr == (f"nnbackprop: error: {out} is in use by another run (pid {first.pid}), which "
+                                     "writes its results there; wait for it to end, or write elsewhere (--out)\n")
+        assert first.poll() is None
+        assert load_checkpoint(out)["config"]["epochs"] == 100000
+    finally:
+        first.kill()
+        first.wait()

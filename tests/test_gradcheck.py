@@ -5,16 +5,18 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import pytest
 import torch
 from torch.autograd.gradcheck import GradcheckError
 from conftest import assert_failed, assert_passed, make_input
-from user_layers import Swish
+from user_layers import Scale, Swish
 
-from nnbackprop import (BatchNorm1d, CrossEntropyLoss, Dropout, Linear, Module, Parameter, ReLU, check_gradients,
-                        check_gradients_fd)
+from nnbackprop import (BatchNorm1d, CrossEntropyLoss, Dropout, Linear, Module, Parameter, ReLU, Sequential,
+                        check_gradients, check_gradients_fd)
 from nnbackprop import functional as F
 from nnbackprop.gradcheck import TOLERANCES, builtin_checks, compare
+from nnbackprop.module import ReferenceForwardError
 
 F64 = torch.float64
 
@@ -212,3 +214,73 @@ def test_builtin_checks_all_pass(dtype_: torch.dtype, device: torch.device) -> N
     assert len(reports) > 20
     for report in reports:
         assert_passed(report)
+
+
+# ------------------------------------------------------------------------------------------------------ untraceable
+
+
+class SwishThroughNumPy(Swish):
+    def forward(self, x):
+        s = torch.from_numpy(1 / (1 + np.exp(-x.numpy())))
+        self.save_for_backward(x, s)
+        return x * s
+
+
+class SwishDetached(Swish):
+    def forward(self, x):
+        return super().forward(x).detach()
+
+
+class DoublesInPlace(Module):
+    def forward(self, x):
+        x.mul_(2)
+        return x
+
+    def backward(self, dout):
+        return 2 * dout
+
+
+class ScaleOfData(Scale):
+    def forward(self, x):
+        self.save_for_backward(x)
+        return x.data * self.gamma
+
+
+@pytest.mark.parametrize("layer, why, in_model", [
+    (SwishThroughNumPy(), "RuntimeError: Can't call numpy() on Tensor that requires grad", False),
+    (SwishThroughNumPy(), "RuntimeError: Can't call numpy() on Tensor that requires grad", True),
+    (SwishDetached(), "its output is not connected to its input or parameters", False),
+    (SwishDetached(), "its output is not connected to its input or parameters", True),
+    (DoublesInPlace(), "RuntimeError: a leaf Variable that requires grad is being used in an in-place operation",
+     False),  # (after a layer, its input is no leaf: autograd follows the in-place op)
+], ids=["numpy", "numpy-in-a-model", "detach", "detach-in-a-model", "in-place"])
+def test_a_forward_autograd_cannot_follow_asks_for_a_reference_forward(layer, why, in_model):
+    x = torch.randn(4, 5, dtype=F64)
+    subject = Sequential(Linear(5, 5, dtype=F64), layer) if in_model else layer
+    with pytest.raises(ReferenceForwardError) as info:
+        check_gradients(subject, x)
+    name = type(layer).__name__
+    assert str(info.value).startswith(f"{name}(): autograd cannot follow its forward ({why}")
+    assert str(info.value).endswith("; write a reference_forward(self, x, params) for it with differentiable torch "
+                                    "ops (no .data, .detach(), .item(), NumPy, in-place ops on the input), see "
+                                    "Module.reference_forward")
+    assert "\n" not in str(info.value)
+
+
+def test_an_input_hidden_from_autograd_is_not_blamed_on_the_layers_before():
+    """``x.data`` cuts the input off: the Linear before it used to FAIL, as if its backward were wrong."""
+    model = Sequential(Linear(5, 4, dtype=F64), ScaleOfData(4).to(F64))
+    with pytest.raises(ReferenceForwardError, match=r"^check_gradients\(Sequential\(\)\): autograd finds no path from "
+                       r"the output to input, 0.weight, 0.bias, whose hand-written gradient is not zero: the forward "
+                       r"of ScaleOfData\(\) hides them from autograd .*write a reference_forward"):
+        check_gradients(model, torch.randn(3, 5, dtype=F64))
+
+
+def test_a_reference_forward_that_returns_something_autograd_cannot_use():
+    class ScaleWithBadReference(Scale):
+        def reference_forward(self, x, params):
+            return (x * params["gamma"]).detach()
+
+    with pytest.raises(ReferenceForwardError, match=r"^check_gradients\(ScaleWithBadReference\(\)\): its "
+                       "reference_forward returned a tensor not connected to the input or parameters"):
+        check_gradients(ScaleWithBadReference(3).to(F64), torch.randn(2, 3, dtype=F64))

@@ -67,6 +67,12 @@ BAD_INPUTS = {
                        ["BCEWithLogitsLoss()", "one logit per sample", "(3, 2)", "CrossEntropyLoss"]),
     "mse-shape": (lambda: MSELoss()(torch.randn(3, 2), torch.randn(2, 3)),
                   ["MSELoss()", "target shape (2, 3)", "input shape (3, 2)"]),
+    "mse-empty-batch": (lambda: MSELoss()(torch.randn(0, 3), torch.randn(0, 3)),
+                        ["MSELoss(): got an empty batch (input of shape (0, 3)); a loss needs at least one example"]),
+    "mse-empty-batch-labels": (lambda: MSELoss("sum")(torch.randn(0, 3), torch.zeros(0, dtype=torch.long)),
+                               ["MSELoss(): got an empty batch (input of shape (0, 3))"]),
+    "ce-empty-batch": (_ce(torch.randn(0, 3), torch.zeros(0, dtype=torch.long)),
+                       ["CrossEntropyLoss(): got an empty batch (input of shape (0, 3))"]),
 }
 
 

@@ -269,3 +269,12 @@ def test_the_encapsulation_check_finds_reaching_in(source):
 ], ids=["other-library", "same-class", "same-class-dict"])
 def test_the_encapsulation_check_leaves_a_classs_own_state_and_other_libraries_alone(source):
     assert private_access_problems(source, "x.py") == []
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_a_parameter_must_be_floating_point(dtype):
+    """torch refuses an integer nn.Parameter; ours was accepted and trained."""
+    with pytest.raises(TypeError) as info:
+        Parameter(torch.ones(3, dtype=dtype))
+    assert str(info.value) == (f"Parameter expects a floating-point tensor, got dtype {dtype}: gradient steps need "
+                               "real numbers; convert it first, e.g. Parameter(data.float())")

@@ -187,3 +187,53 @@ def test_adam_on_bfloat16_parameters_keeps_float32_hyperparameters_and_step(ours
         torch_optimizer.step()
     for a, b in zip(params, reference):  # torch's Adam on bf16 parameters, to bf16 rounding
         torch.testing.assert_close(a.float(), b.detach().float(), rtol=1e-2, atol=1e-2)
+
+
+def _stepped(optimizer_class: type, shapes: list[tuple[int, ...]], **config) -> torch.optim.Optimizer:
+    """An optimizer that has taken one step over parameters of ``shapes`` (so that it holds state)."""
+    params = [Parameter(torch.randn(shape, dtype=torch.float64)) for shape in shapes]
+    optimizer = optimizer_class(params, **config)
+    for p in params:
+        p.grad = torch.randn(p.shape, dtype=torch.float64)
+    optimizer.step()
+    return optimizer
+
+
+@pytest.mark.parametrize("source, target, message", [
+    (lambda: _stepped(SGD, SHAPES, lr=0.1, momentum=0.9), lambda: _stepped(Adam, SHAPES),
+     "Adam.load_state_dict: parameter 0 (shape (4, 3)) has state 'momentum_buffer' (shape (4, 3)), which Adam does "
+     "not keep (it keeps exp_avg, exp_avg_sq, max_exp_avg_sq, step)"),
+    (lambda: _stepped(Adam, SHAPES), lambda: _stepped(SGD, SHAPES, lr=0.1, momentum=0.9),
+     "SGD.load_state_dict: parameter 0 (shape (4, 3)) has state 'step' (shape ()), which SGD does not keep (it keeps "
+     "momentum_buffer)"),
+    (lambda: _stepped(SGD, SHAPES, lr=0.1), lambda: _stepped(Adam, SHAPES),  # no state at all, other settings
+     "Adam.load_state_dict: its parameter group 0 lacks the settings amsgrad, betas, eps of Adam (it was saved by "
+     "another optimizer)"),
+    (lambda: _stepped(Adam, [(4, 3), (3,), (5, 2), (5,)]), lambda: _stepped(Adam, SHAPES),
+     "Adam.load_state_dict: parameter 2 has state 'exp_avg' of shape (5, 2), but the parameter has shape (2, 5)"),
+    (lambda: _stepped(SGD, [(3, 4), (3,), (2, 5), (5,)], lr=0.1, momentum=0.9),
+     lambda: _stepped(SGD, SHAPES, lr=0.1, momentum=0.9),
+     "SGD.load_state_dict: parameter 0 has state 'momentum_buffer' of shape (3, 4), but the parameter has shape "
+     "(4, 3)"),
+], ids=["sgd-into-adam", "adam-into-sgd", "sgd-settings-into-adam", "adam-of-another-model", "sgd-of-another-model"])
+def test_another_optimizers_state_is_refused_naming_parameter_state_and_shapes(source, target, message) -> None:
+    """Accepted before, and the next step failed deep inside (or trained on nonsense)."""
+    optimizer = target()
+    before = copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(ValueError) as info:
+        optimizer.load_state_dict(source().state_dict())
+    assert str(info.value) == f"{message}; load a state dict that this optimizer class saved for the same model"
+    after = optimizer.state_dict()
+    assert after["param_groups"] == before["param_groups"]
+    assert all(torch.equal(after["state"][i][k], v) for i, entry in before["state"].items() for k, v in entry.items())
+
+
+def test_a_missing_state_or_step_of_the_wrong_kind_is_refused() -> None:
+    state = _stepped(Adam, SHAPES).state_dict()
+    del state["state"][1]["exp_avg_sq"]
+    with pytest.raises(ValueError, match=r"parameter 1 \(shape \(3,\)\) lacks the state 'exp_avg_sq'"):
+        _stepped(Adam, SHAPES).load_state_dict(state)
+    state = _stepped(Adam, SHAPES).state_dict()
+    state["state"][0]["step"] = 3.0
+    with pytest.raises(ValueError, match="parameter 0 has state 'step' of a float, where a 0-dim tensor belongs"):
+        _stepped(Adam, SHAPES).load_state_dict(state)

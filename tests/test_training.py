@@ -529,3 +529,18 @@ def test_a_mixed_precision_run_with_batch_norm_trains_resumes_and_evaluates(tmp_
     assert next(model.parameters()).dtype == torch.bfloat16
     test = make_loader(data.test, 1000, mean=data.mean, std=data.std, dtype=torch.bfloat16)
     assert evaluate(model, loss_fn, test).accuracy == straight.test_accuracy
+
+
+def test_the_threads_setting_sets_the_run_s_threads_and_restores_them(tmp_path):
+    before = torch.get_num_threads()
+    threads = 2 if before == 1 else 1
+    seen = []
+
+    class Watch(TrainCallback):
+        def on_epoch_end(self, metrics):
+            seen.append(torch.get_num_threads())
+
+    result = train(BASE.replace(epochs=2, threads=threads), data=toy_data(), out_dir=tmp_path, callback=Watch())
+    assert seen == [threads, threads] and result.summary["threads"] == threads
+    assert load_checkpoint(tmp_path)["run"]["threads"] == threads and result.summary["config"]["threads"] == threads
+    assert torch.get_num_threads() == before

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, SUBPROCESS_TIMEOUT_S, subprocess_env
 
 from nnbackprop import to_torch
 
@@ -48,7 +48,7 @@ def test_gradients_agree_with_autograd(result: WorkedExample) -> None:
 
 def test_experiment_script_prints_the_values() -> None:
     proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "seed_worked_example.py")], cwd=ROOT,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=120)
+                          env=subprocess_env(), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
     assert proc.returncode == 0, proc.stderr
     for value in EXPECTED.values():
         assert f"{value:.6f}" in proc.stdout, f"{value:.6f} missing from:\n{proc.stdout}"
