@@ -14,7 +14,8 @@ from nnbackprop.training import Run, train_epoch
 from nnbackprop.user_model import model_from_file
 
 __all__ = [
-    "TOLERANCES", "ConfigError", "Diagnostics", "NNBackpropError", "checked_torch_model", "DistContext", "WriteError", "all_reduce_mean_hook", "broadcast_module",
-    "Run", "build_loss", "build_model", "build_optimizer", "build_scheduler", "cleanup", "init_distributed",
-    "local_batch_size", "model_from_file", "train_epoch", "write_text",
+    "TOLERANCES", "all_reduce_mean_hook", "broadcast_module", "build_loss", "build_model", "build_optimizer",
+    "build_scheduler", "checked_torch_model", "cleanup", "ConfigError", "Diagnostics", "DistContext",
+    "init_distributed", "local_batch_size", "model_from_file", "NNBackpropError", "Run", "train_epoch", "write_text",
+    "WriteError",
 ]
