@@ -301,7 +301,7 @@ def check_same_run(checkpoint: Mapping[str, Any], path: Path, config: TrainConfi
                               f"with --epochs {saved.epochs} (only a constant schedule or a step schedule with "
                               "--step-epochs can be stretched)")
     differences = [f"{k} {checkpoint['data'].get(k)!r} there, {data[k]!r} here" for k in data
-                   if k != "source" and checkpoint["data"].get(k) != data[k]]
+                   if k not in ("source", "statistics") and checkpoint["data"].get(k) != data[k]]
     if differences:
         raise CheckpointError(f"{path} was trained on other data: {'; '.join(differences)}")
 

@@ -129,9 +129,15 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def format_predictions(predictions: Sequence[Mapping[str, Any]]) -> str:
-    """One line per image of :func:`~nnbackprop.inference.predict_files`: ``cat.1.jpg: cats 91.3%, dogs 8.7%``."""
-    return "\n".join(f"{p['image']}: " + ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in p["top"])
-                     for p in predictions)
+    """One line per image of :func:`~nnbackprop.inference.predict_files` (``cat.1.jpg: cats 91.3%, dogs 8.7%``), and
+    under an image unlike the training images a warning line saying how."""
+    lines = []
+    for p in predictions:
+        lines.append(f"{p['image']}: " + ", ".join(f"{t['class']} {100 * t['probability']:.1f}%" for t in p["top"]))
+        if p.get("unlike"):
+            lines.append(f"  warning: unlike the training images ({'; '.join(p['unlike'])}): the model has not seen "
+                         "anything like it, so the prediction may mean little")
+    return "\n".join(lines)
 
 
 def format_evaluation(e: Evaluation) -> str:

@@ -23,11 +23,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
 import torch
-import torchvision
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision.transforms.functional import pil_to_tensor
 
 from nnbackprop.errors import DatasetNotFoundError
 
@@ -52,7 +50,7 @@ REDUCED_DECODE_PIXELS = 16_000_000
 """An image of more pixels than this is decoded at a reduced scale where its format allows it (JPEG: 1/2 to 1/8, PIL's
 draft mode), still at least the size it is resized to."""
 
-IMAGE_EXTENSIONS: tuple[str, ...] = torchvision.datasets.folder.IMG_EXTENSIONS
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 """The name endings (any case) of the files an image folder's class folders are searched for."""
 
 MNIST_FILES = (
@@ -95,6 +93,13 @@ class TensorData:
         return TensorData(self.images[indices], self.labels[indices])
 
 
+def _to_tensor(image: Image.Image) -> Tensor:
+    """A PIL image of mode ``L`` or ``RGB`` as ``uint8`` ``(C, H, W)``."""
+    channels = len(image.getbands())
+    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+    return pixels.view(image.height, image.width, channels).permute(2, 0, 1).contiguous()
+
+
 def read_image(path: str | Path, shape: Sequence[int]) -> Tensor:
     """An image file (any format PIL reads, any size up to :data:`MAX_IMAGE_PIXELS`, grey or colour, 8 or 16 bits) as
     a model of input ``shape`` ``(C, H, W)`` sees it in training: 16-bit grey scaled to 8 bits (``round(v / 257)``),
@@ -127,7 +132,7 @@ def read_image(path: str | Path, shape: Sequence[int]) -> Tensor:
         raise ValueError(f"{path}: cannot read this image ({error}); remove or replace the file") from error
     if size[0] * size[1] > MAX_IMAGE_PIXELS:
         raise _too_large(path, f"{size[0]}x{size[1]} pixels ({size[0] * size[1] / 1e6:.0f} megapixels)")
-    return pil_to_tensor(image)
+    return _to_tensor(image)
 
 
 def _too_large(path: str | Path, pixels: str) -> ValueError:
@@ -199,6 +204,8 @@ class DataSplits:
         augmentation: the batch augmentation that suits the data, ``{"shift": pixels, "flip": bool}`` (for
             MNIST's digits a 1-pixel shift; none for Fashion-MNIST within a short run; shifts and flips for photos of
             animals), which training uses where its settings leave it open; empty for an image folder (none).
+        statistics: what the training images are like, per image (:func:`image_statistics`), for telling an input
+            unlike them; ``None`` for an image folder read from disk during training.
     """
 
     name: str
@@ -211,6 +218,7 @@ class DataSplits:
     std: tuple[float, ...]
     source: str
     augmentation: dict[str, Any] = field(default_factory=dict)
+    statistics: dict[str, list[float]] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -220,7 +228,8 @@ class DataSplits:
         """What a checkpoint records about the data: enough to rebuild the model and prepare new inputs alike."""
         return {"name": self.name, "source": self.source, "classes": list(self.classes),
                 "input_shape": list(self.input_shape), "mean": list(self.mean), "std": list(self.std),
-                "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)}}
+                "sizes": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
+                "statistics": self.statistics}
 
 
 # --- reading files -------------------------------------------------------------------------------------------------
@@ -397,19 +406,33 @@ class _Builtin:
     how_to_get: str = ""
 
 
+MNIST_CLASSES = ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five", "6 - six", "7 - seven",
+                 "8 - eight", "9 - nine"]
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                         "Ankle boot"]
+"""The class names, as torchvision's data sets name them (checkpoints record them)."""
+
+
+def _torchvision() -> Any:
+    """``torchvision.datasets``, imported when a data set is downloaded (importing torchvision takes seconds)."""
+    import torchvision.datasets
+
+    return torchvision.datasets
+
+
 _BUILTINS = {
     "mnist": _Builtin(
-        "MNIST", "MNIST/raw", MNIST_FILES, list(torchvision.datasets.MNIST.classes), _read_mnist,
-        lambda root: torchvision.datasets.MNIST(str(root), download=True), {"shift": 1, "flip": False},
+        "MNIST", "MNIST/raw", MNIST_FILES, MNIST_CLASSES, _read_mnist,
+        lambda root: _torchvision().MNIST(str(root), download=True), {"shift": 1, "flip": False},
     ),
     "fashion-mnist": _Builtin(
-        "Fashion-MNIST", "FashionMNIST/raw", MNIST_FILES, list(torchvision.datasets.FashionMNIST.classes), _read_mnist,
-        lambda root: torchvision.datasets.FashionMNIST(str(root), download=True), {"shift": 0, "flip": False},
+        "Fashion-MNIST", "FashionMNIST/raw", MNIST_FILES, FASHION_MNIST_CLASSES, _read_mnist,
+        lambda root: _torchvision().FashionMNIST(str(root), download=True), {"shift": 0, "flip": False},
         f"install it system-wide (apt-get install dataset-fashion-mnist, into {SYSTEM_FASHION_MNIST}); ",
     ),
     "cifar10-catdog": _Builtin(
         "CIFAR-10", "cifar-10-batches-py", CIFAR10_FILES, ["cat", "dog"], _read_cifar10_catdog,
-        lambda root: torchvision.datasets.CIFAR10(str(root), download=True), {"shift": 2, "flip": True},
+        lambda root: _torchvision().CIFAR10(str(root), download=True), {"shift": 2, "flip": True},
     ),
 }
 DATASETS = (*_BUILTINS, "imagefolder:PATH")
@@ -481,6 +504,39 @@ def _hold_out(data: SplitData, size: int, seed: int, what: str) -> tuple[SplitDa
                          f"{what}; pass a smaller val_size")
     order = permutation(len(data), seed)
     return data.subset(order[size:].sort().values), data.subset(order[:size].sort().values)
+
+
+IMAGE_STATISTICS: dict[str, tuple[str, Callable[[Tensor], Tensor]]] = {
+    "brightness": ("brightness (mean pixel)", lambda x: x.mean(1)),
+    "contrast": ("contrast (pixels' standard deviation)", lambda x: x.std(1)),
+    "black": ("share of black pixels", lambda x: (x == 0).float().mean(1)),  # MNIST's backgrounds
+}
+"""Statistics of one image ``(C·H·W,)`` of ``pixel / 255`` (rows of a batch), which tell an input unlike the training
+images: a photo into a model trained on Fashion-MNIST's black backgrounds, a dark scan, a blank image."""
+
+
+def image_statistics(images: Tensor, quantiles: tuple[float, float] = (0.005, 0.995)) -> dict[str, list[float]]:
+    """The range each of :data:`IMAGE_STATISTICS` spans over ``images`` ``uint8 (N, C, H, W)``: its ``quantiles``
+    (by default 99% of the images lie inside)."""
+    x = images.reshape(len(images), -1).float().div_(255)  # (N, C·H·W)
+    q = torch.tensor(quantiles)
+    return {name: [round(v, 4) for v in torch.quantile(f(x), q).tolist()] for name, (_, f) in IMAGE_STATISTICS.items()}
+
+
+def unlike(image: Tensor, statistics: dict[str, list[float]], margin: float = 0.05) -> list[str]:
+    """How ``image`` ``uint8 (C, H, W)`` lies outside the ranges ``statistics`` (:func:`image_statistics`) give, by
+    more than ``margin``: one phrase per statistic, ``[]`` when it looks like the training images."""
+    x = image.reshape(1, -1).float().div_(255)
+    found = []
+    for name, (label, f) in IMAGE_STATISTICS.items():
+        if name not in statistics:
+            continue
+        low, high = statistics[name]
+        value = f(x).item()
+        if not low - margin <= value <= high + margin:
+            found.append(f"its {label}, {value:.2f}, is outside the {low:.2f}-{high:.2f} of 99% of the training "
+                         "images")
+    return found
 
 
 def _histogram(images: Tensor) -> Tensor:
@@ -680,7 +736,9 @@ def _load_image_folder(name: str, root: Path, val_size: int, seed: int, image_si
     histogram = (_histogram(train.images) if isinstance(train, TensorData)
                  else _folder_histogram(train, seed, default_num_workers()))
     mean, std = _mean_std(histogram)
-    return DataSplits(name, train, val, test, classes, (data.channels, image_size, image_size), mean, std, str(root))
+    statistics = image_statistics(train.images) if isinstance(train, TensorData) else None
+    return DataSplits(name, train, val, test, classes, (data.channels, image_size, image_size), mean, std, str(root),
+                      statistics=statistics)
 
 
 def load_dataset(
@@ -745,6 +803,6 @@ def load_dataset(
     train, val = _hold_out(train, val_size, seed, "val")
     mean, std = _mean_std(_histogram(train.images))
     return DataSplits(name, train, val, test, list(spec.classes), tuple(train.images.shape[1:]), mean, std,
-                      str(directory), dict(spec.augmentation))
+                      str(directory), dict(spec.augmentation), image_statistics(train.images))
 
 

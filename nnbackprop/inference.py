@@ -21,7 +21,7 @@ from torch import Tensor
 from nnbackprop.build import EVAL_BATCH_SIZE, build_loss, build_model, dtypes
 from nnbackprop.checkpoint import load_checkpoint, load_into, resolve_checkpoint, saved_config
 from nnbackprop.config import TrainConfig
-from nnbackprop.datasets import ImageFolderData, SplitData, load_dataset, read_image, scan_image_folder
+from nnbackprop.datasets import ImageFolderData, SplitData, load_dataset, read_image, scan_image_folder, unlike
 from nnbackprop.device import resolve_device
 from nnbackprop.errors import CheckpointError, ConfigError, DatasetNotFoundError, MissingFileError
 from nnbackprop.evaluation import class_probabilities, evaluate
@@ -153,13 +153,36 @@ def predict_files(checkpoint: str | Path, images: Sequence[str | Path], *, top: 
         model: ``PATH.py:FUNCTION`` to rebuild the model with (see :func:`load_model`).
 
     Returns:
-        ``[{"image": path, "top": [{"class": name, "probability": p}, ...]}, ...]``, one per image, in order.
+        ``[{"image": path, "top": [{"class": name, "probability": p}, ...], "unlike": [...]}, ...]``, one per image,
+        in order; ``unlike`` says how an image differs from the training images (:func:`unlike_training`), ``[]``
+        when it does not.
     """
     rebuilt, _, saved = load_model(checkpoint, resolve_device(device), model)
     info = saved["data"]
-    probabilities = predict(rebuilt, read_images(images, info), info)
-    return [{"image": str(path), "top": [{"class": name, "probability": p} for name, p in row]}
-            for path, row in zip(images, ranked(probabilities, info["classes"], top))]
+    prepared = read_images(images, info)
+    probabilities = predict(rebuilt, prepared, info)
+    return [{"image": str(path), "top": [{"class": name, "probability": p} for name, p in row],
+             "unlike": unlike_training(path, image, info)}
+            for path, image, row in zip(images, prepared, ranked(probabilities, info["classes"], top))]
+
+
+def unlike_training(path: str | Path, image: Tensor, info: Mapping[str, Any]) -> list[str]:
+    """How an image file, prepared as ``image`` ``uint8 (C, H, W)``, differs from the images a model was trained on
+    (``info``: a checkpoint's ``data``): a colour image for a model of grey images, and per-image statistics outside
+    the training images' ranges (:func:`~nnbackprop.datasets.unlike`). A prediction for such an image may mean
+    little: the model has never seen anything like it."""
+    found = []
+    if info["input_shape"][0] == 1 and _colourful(path):
+        found.append("a colour image, read in grey for a model trained on grey images")
+    if info.get("statistics"):
+        found += unlike(image, info["statistics"])
+    return found
+
+
+def _colourful(path: str | Path, threshold: float = 0.04) -> bool:
+    """Whether the image file's colour channels differ by more than ``threshold`` (of full scale) on average."""
+    rgb = read_image(path, (3, 64, 64)).float().div_(255)  # (3, 64, 64)
+    return (rgb - rgb.mean(0, keepdim=True)).abs().mean().item() > threshold
 
 
 # ------------------------------------------------------------------------------------------------------ evaluate

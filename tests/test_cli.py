@@ -378,9 +378,11 @@ PREDICTION = re.compile(r"^(?P<image>.+?): (?P<top>.+)$")
 
 
 def parse_predictions(out: str) -> list[tuple[str, list[tuple[str, float]]]]:
-    """``[(image, [(class, percent), ...]), ...]`` from predict's human output."""
+    """``[(image, [(class, percent), ...]), ...]`` from predict's human output (its warning lines left out)."""
     parsed = []
     for line in out.splitlines():
+        if line.startswith("  warning: unlike the training images ("):
+            continue
         match = PREDICTION.match(line)
         assert match, line
         pairs = [item.rsplit(" ", 1) for item in match["top"].split(", ")]
@@ -660,3 +662,14 @@ def test_a_keyboard_interrupt_in_a_model_file_gives_no_resume_hint(tmp_path, mni
     code, out, err = run(capsys, "train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--model",
                          f"{tmp_path / 'net.py'}:{function}", "--out", str(tmp_path / "run"), *SMALL)
     assert code == 130 and err == "nnbackprop: interrupted\n", err
+
+
+@pytest.mark.parametrize("code", ["import nnbackprop", "from nnbackprop.cli import build_parser; build_parser()"])
+def test_starting_up_imports_no_heavy_optional_module(code):
+    """``import nnbackprop`` and building the command line import torch, not torchvision (its models alone took 1.7 s),
+    matplotlib or TensorBoard: each command imports those when it needs them."""
+    probe = (f"{code}\nimport sys\nprint(sorted({{m.split('.')[0] for m in sys.modules}} & "
+             "{'torchvision', 'matplotlib', 'tensorboard', 'onnx', 'onnxscript'}))")
+    result = subprocess.run([sys.executable, "-c", probe], env=subprocess_env(), capture_output=True, text=True,
+                            timeout=SUBPROCESS_TIMEOUT_S, cwd=ROOT)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr

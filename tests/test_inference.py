@@ -18,6 +18,7 @@ from nnbackprop.config import TrainConfig
 from nnbackprop.datasets import DatasetNotFoundError, ImageFolderData
 from nnbackprop.inference import (Evaluation, class_probabilities, evaluate_checkpoint, image_folder_split, load_model,
                                   predict, predict_files, ranked, read_images)
+from nnbackprop.console import format_predictions
 from nnbackprop.loaders import make_loader
 from nnbackprop.training import train
 
@@ -254,3 +255,30 @@ def test_reading_a_run_changes_nothing_in_its_folder(run, pets, tmp_path):
     predict_files(out, [pets / "cats" / "0.png"], device="cpu")
     assert _snapshot(out) == before
     assert _snapshot(pets) == data_before
+
+
+def test_predict_warns_of_an_image_unlike_the_training_images(tmp_path):
+    """Grey images on black backgrounds (as MNIST's); then a colour photo-like image and a grey one without a black
+    background are flagged, saying how they differ, and an image like the training ones is not."""
+    root = tmp_path / "grey"
+    g = torch.Generator().manual_seed(0)
+    for k, name in enumerate(CLASSES):
+        (root / name).mkdir(parents=True)
+        for i in range(30):
+            image = torch.zeros(16, 16, dtype=torch.uint8)
+            image[4:12, 4:12] = torch.randint(60 + 100 * k, 100 + 100 * k, (8, 8), generator=g, dtype=torch.uint8)
+            Image.fromarray(image.numpy(), "L").save(root / name / f"{i}.png")
+    out = tmp_path / "run"
+    train(TrainConfig(dataset=f"imagefolder:{root}", image_size=16, grayscale=True, hidden=(8,), epochs=1,
+                      val_size=10, batch_size=10, device="cpu"), out_dir=out)
+    colour = tmp_path / "colour.png"
+    Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).to(torch.uint8).numpy(), "RGB").save(colour)
+    no_background = tmp_path / "no_background.png"
+    Image.new("L", (16, 16), 120).save(no_background)
+    alike = root / CLASSES[1] / "3.png"
+    found = {Path(p["image"]).name: p["unlike"] for p in predict_files(out, [colour, no_background, alike])}
+    assert "a colour image, read in grey for a model trained on grey images" in found["colour.png"]
+    assert any("share of black pixels, 0.00, is outside" in phrase for phrase in found["no_background.png"])
+    assert found["3.png"] == []
+    printed = format_predictions(predict_files(out, [colour, alike]))
+    assert printed.count("\n  warning: unlike the training images (a colour image") == 1
