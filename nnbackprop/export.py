@@ -9,9 +9,11 @@ and writes the exported program beside a JSON file saying what it expects: the i
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -97,8 +99,7 @@ def export_run(run: str | Path, fmt: str, out: str | Path | None = None, model: 
             program = torch.export.export(converted, example, dynamic_shapes=({0: batch},))
             atomic_write(path, lambda file: torch.export.save(program, file))
         else:
-            onnx_program = torch.onnx.export(converted, example, dynamo=True, dynamic_shapes=({0: batch},))
-            atomic_write(path, lambda file: file.write(onnx_program.model_proto.SerializeToString()))
+            atomic_write(path, lambda file: file.write(_onnx_bytes(converted, example, batch)))
     except (RuntimeError, ValueError, TypeError, NotImplementedError) as error:
         raise ConfigError(f"exporting the model to {fmt} failed: {gist(error)}") from error
     info = {"format": fmt, "file": path.name, "input_shape": list(shape), "input_dtype": "float32",
@@ -111,6 +112,19 @@ def export_run(run: str | Path, fmt: str, out: str | Path | None = None, model: 
     if error > TOLERANCE:
         raise ConfigError(f"{path} computes something else once loaded back (relative difference {error:.1e})")
     return Exported(str(path), str(info_path), fmt, error)
+
+
+def _onnx_bytes(model: torch.nn.Module, example: tuple[torch.Tensor], batch: Any) -> bytes:
+    """The ONNX model of ``model``, its batch dimension left free: through torch.export (``dynamo=True``) where torch
+    has it, else (torch before 2.6) through the TorchScript exporter."""
+    try:
+        program = torch.onnx.export(model, example, dynamo=True, dynamic_shapes=({0: batch},))
+        return program.model_proto.SerializeToString()
+    except TypeError:  # an older torch.onnx.export, without dynamo= and dynamic_shapes=
+        buffer = io.BytesIO()
+        torch.onnx.export(model, example, buffer, input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+        return buffer.getvalue()
 
 
 def _require_onnx() -> None:

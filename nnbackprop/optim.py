@@ -396,8 +396,8 @@ def _adam(param: Tensor, grad: Tensor, state: dict[str, Any], scalars: tuple[Ten
             param.mul_(1 - lr * decay)  # θ ← θ (1 − γ λ)
         else:
             grad = torch.addcmul(grad, param, decay)  # g + λ θ
-    m.lerp_(grad, 1 - beta1)  # m ← β1 m + (1 − β1) g
-    v.lerp_(grad * grad, 1 - beta2)  # v ← β2 v + (1 − β2) g²
+    m.lerp_(grad, (1 - beta1).to(m.dtype))  # m ← β1 m + (1 − β1) g; 1 − β in float32, then the state's dtype
+    v.lerp_(grad * grad, (1 - beta2).to(v.dtype))  # v ← β2 v + (1 − β2) g²
     if amsgrad:
         v = torch.maximum(state["max_exp_avg_sq"], v, out=state["max_exp_avg_sq"])  # v̂max ← max(v̂max, v)
     bias_correction1 = 1 - beta1**step

@@ -16,11 +16,17 @@ no recapture).
 
 from __future__ import annotations
 
+import warnings
+
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import (ConstantLR, CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR,
                                       StepLR)
 
 SCHEDULES: tuple[str, ...] = ("constant", "step", "cosine")
+
+# SequentialLR of torch before 2.5 passes an epoch to its schedulers' step(), which then warns of that argument's
+# deprecation at every milestone: torch's own call, not the user's, and nothing to act on.
+warnings.filterwarnings("ignore", message=r"The epoch parameter in `scheduler\.step\(\)`", category=UserWarning)
 
 
 def make_scheduler(name: str, optimizer: Optimizer, *, total_steps: int, warmup_steps: int = 0,
