@@ -6,7 +6,8 @@ forward is caught as well as a wrong backward; a user's layer's own ``forward`` 
 input gradient and every parameter gradient.
 
 Tolerances (:data:`TOLERANCES`) are relative to the gradient's scale, ``err = max|ours − ref| / scale``: 1e-10 in
-float64, 1e-5 in float32, 1e-2 in bfloat16/float16. For the output (or loss) the scale is ``max|ref|``; for a gradient
+float64, 1e-5 in float32, and in 16 bits eight roundings of half a unit in the last place (3.1e-2 in bfloat16, 3.9e-3
+in float16). For the output (or loss) the scale is ``max|ref|``; for a gradient
 it is the larger of its own ``max|ref|`` and the largest ``max|ref|`` among the gradients of the same check, so that a
 gradient that is exactly zero in theory (the bias of a ``Linear`` followed by ``BatchNorm1d``) is judged by its rounding
 error against the model's gradients instead of against zero.
@@ -26,11 +27,16 @@ from torch import Tensor
 from nnbackprop.losses import Loss
 from nnbackprop.module import HIDDEN_FROM_AUTOGRAD, Module, ReferenceForwardError
 
+LOW_PRECISION_ROUNDINGS = 8
+"""How many roundings of half a unit in the last place a 16-bit check allows: the reference runs in the same dtype
+with its ops in another order, and a gradient that has come through a few layers has been rounded at each."""
+
 TOLERANCES: dict[torch.dtype, float] = {
     torch.float64: 1e-10,
     torch.float32: 1e-5,
-    torch.bfloat16: 1e-2,
-    torch.float16: 1e-2,
+    # 8 roundings of eps / 2: 3.1e-2 for bfloat16 (eps = 2^-7), 3.9e-3 for float16 (eps = 2^-10)
+    torch.bfloat16: LOW_PRECISION_ROUNDINGS * torch.finfo(torch.bfloat16).eps / 2,
+    torch.float16: LOW_PRECISION_ROUNDINGS * torch.finfo(torch.float16).eps / 2,
 }
 
 

@@ -81,8 +81,9 @@ class FlatParameters:
 
     Args:
         params: the parameters, in the order of the optimizer group that updates them (if any).
-        compute_dtype: the dtype the layers compute in (default: the parameters'). A 16-bit one keeps the parameters'
-            current values as the float32 :attr:`master` and makes the parameters 16-bit views of :attr:`data`.
+        compute_dtype: the dtype the layers compute in (default: the parameters'). A 16-bit one for wider parameters
+            keeps their current values as the float32 :attr:`master` and makes the parameters 16-bit views of
+            :attr:`data`.
 
     Attributes:
         data: ``(P,)`` all parameter values, in the compute dtype; each parameter's storage is a view of it.
@@ -99,7 +100,7 @@ class FlatParameters:
         dtype = compute_dtype or first.dtype
         self.master: Tensor | None = None
         self.master_grad: Tensor | None = None
-        if dtype in LOW_PRECISION:
+        if dtype in LOW_PRECISION and dtype != first.dtype:
             self.master = torch.cat([p.detach().reshape(-1).float() for p in self.params])
             self.master_grad = torch.zeros_like(self.master)
         self.data = torch.empty(sum(p.numel() for p in self.params), dtype=dtype, device=first.device)

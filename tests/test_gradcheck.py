@@ -15,7 +15,7 @@ from user_layers import Scale, Swish
 from nnbackprop import (BatchNorm1d, CrossEntropyLoss, Dropout, Linear, Module, Parameter, ReLU, Sequential,
                         check_gradients, check_gradients_fd)
 from nnbackprop import functional as F
-from nnbackprop.gradcheck import TOLERANCES, builtin_checks, compare
+from nnbackprop.gradcheck import LAYOUTS, TOLERANCES, builtin_checks, compare
 from nnbackprop.module import ReferenceForwardError
 
 F64 = torch.float64
@@ -284,3 +284,12 @@ def test_a_reference_forward_that_returns_something_autograd_cannot_use():
     with pytest.raises(ReferenceForwardError, match=r"^check_gradients\(ScaleWithBadReference\(\)\): its "
                        "reference_forward returned a tensor not connected to the input or parameters"):
         check_gradients(ScaleWithBadReference(3).to(F64), torch.randn(2, 3, dtype=F64))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_the_built_in_suite_passes_in_bfloat16_within_a_tolerance_derived_from_its_precision(layout):
+    """bfloat16 keeps 8 bits of mantissa: the tolerance is eight roundings of half a unit in the last place, and every
+    built-in check — the deep GELU + dropout + batch-norm MLP included — lies within it, in both layouts."""
+    assert TOLERANCES[torch.bfloat16] == 8 * torch.finfo(torch.bfloat16).eps / 2 == 2 ** -5
+    reports = builtin_checks("cpu", torch.bfloat16, layout=layout)
+    assert reports and all(r.passed for r in reports), "\n".join(str(r) for r in reports if not r.passed)

@@ -777,3 +777,17 @@ def test_bf16_batch_norm_keeps_float32_running_averages_and_evaluates_in_bf16() 
     reference.load_state_dict(model.state_dict())
     with torch.no_grad():
         assert torch.equal(reference.eval()(batches[0][0]), output)
+
+
+def test_a_16_bit_model_and_float16_are_refused_in_one_line():
+    """Training in 16 bits keeps float32 master weights: a model built in bfloat16 is refused by both steps, and
+    float16 (whose gradients underflow without loss scaling) is refused with the way to bfloat16."""
+    from nnbackprop.errors import ConfigError
+
+    model = mlp(4, [3], 2).to(torch.bfloat16)
+    for fast in (True, False):
+        with pytest.raises(ConfigError, match="build the model in float32"):
+            make_step(model, CrossEntropyLoss(), SGD(model.parameters(), lr=0.1), fast=fast)
+    model = mlp(4, [3], 2)
+    with pytest.raises(ConfigError, match="float16 training needs loss scaling.*dtype=torch.bfloat16"):
+        make_step(model, CrossEntropyLoss(), SGD(model.parameters(), lr=0.1), dtype=torch.float16)
