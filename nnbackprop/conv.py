@@ -143,10 +143,10 @@ class Conv2d(Module):
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x, ndim=4, channels=self.in_channels)
         _output_size(self, x, self.kernel_size, self.stride, self._padding, self.dilation)
-        if not x.is_contiguous(memory_format=torch.channels_last):
+        if x.stride(1) != 1 or not x.is_contiguous(memory_format=torch.channels_last):  # (one channel: ambiguous)
             # The fast layout runs convolutions channels-last (no reordering in and out of each convolution, and every
             # layer after it follows, its buffers taking the input's memory format): lay the input out so once.
-            channels_last = self.scratch("input", (x.shape[0], *x.shape[2:], x.shape[1]), x)
+            channels_last = self.scratch("input", (x.shape[0], *x.shape[2:], x.shape[1]), self.weight)
             if channels_last is not None:
                 x = channels_last.permute(0, 3, 1, 2).copy_(x)
         self.save_for_backward(x)
@@ -156,11 +156,10 @@ class Conv2d(Module):
         (x,) = self.saved_tensors
         has_bias = self.bias is not None
         (p_h, p_w), (n, c, h, w) = self._padding, x.shape
-        padded = self.scratch("padded", (n, h + 2 * p_h, w + 2 * p_w, c), x)
         dx, dW, db = F.conv2d_backward(
             dout, x, self.weight, self.stride, self._padding, self.dilation, self.groups, bias=has_bias,
             input_grad=self.needs_input_grad, dW=self.weight.grad_out(), db=self.bias.grad_out() if has_bias else None,
-            padded=None if padded is None else padded.permute(0, 3, 1, 2),
+            padded=self.scratch("padded", (n, c, h + 2 * p_h, w + 2 * p_w), x),  # channels-last, as x
         )
         self.weight.accumulate(dW)
         if has_bias:
@@ -182,7 +181,7 @@ class Conv2d(Module):
     def extra_repr(self) -> str:
         text = f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
         if self.padding != (0, 0):
-            text += f", padding={self.padding!r}" if isinstance(self.padding, str) else f", padding={self.padding}"
+            text += f", padding={self.padding}"
         if self.dilation != (1, 1):
             text += f", dilation={self.dilation}"
         if self.groups != 1:
@@ -213,24 +212,31 @@ class MaxPool2d(Module):
                  ceil_mode: bool = False) -> None:
         super().__init__()
         owner = "MaxPool2d"
-        self.kernel_size = _pair_of(owner, "kernel_size", kernel_size, 1)
-        self.stride = self.kernel_size if stride is None else _pair_of(owner, "stride", stride, 1)
-        self.padding = _pair_of(owner, "padding", padding, 0)
-        self.dilation = _pair_of(owner, "dilation", dilation, 1)
-        if any(2 * p > d * (k - 1) + 1 for p, k, d in zip(self.padding, self.kernel_size, self.dilation)):
-            raise ValueError(f"MaxPool2d: padding {self.padding} must be at most half the kernel's extent "
-                             f"(kernel_size {self.kernel_size}, dilation {self.dilation})")
-        self.ceil_mode = bool(ceil_mode)
+        self.kernel_size, self.stride = kernel_size, kernel_size if stride is None else stride
+        self.padding, self.dilation, self.ceil_mode = padding, dilation, bool(ceil_mode)
+        self._kernel = _pair_of(owner, "kernel_size", kernel_size, 1)
+        self._stride = self._kernel if stride is None else _pair_of(owner, "stride", stride, 1)
+        self._padding = _pair_of(owner, "padding", padding, 0)
+        self._dilation = _pair_of(owner, "dilation", dilation, 1)
+        if any(2 * p > d * (k - 1) + 1 for p, k, d in zip(self._padding, self._kernel, self._dilation)):
+            raise ValueError(f"MaxPool2d: padding {padding} must be at most half the kernel's extent "
+                             f"(kernel_size {kernel_size}, dilation {dilation})")
+
+    def _settings(self) -> tuple:
+        return self._kernel, self._stride, self._padding, self._dilation, self.ceil_mode
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x, ndim=4)
-        size = _output_size(self, x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
-        shape = (*x.shape[:2], *size)
+        shape = (*x.shape[:2], *_output_size(self, x, *self._settings()))
         out = self.scratch("out", shape, x)
-        indices = None if out is None else self.scratch("indices", shape, torch.empty(0, dtype=torch.long,
-                                                                                      device=x.device))
-        out, indices = F.max_pool2d_forward(x, self.kernel_size, self.stride, self.padding, self.dilation,
-                                            self.ceil_mode, out=out, indices=indices)
+        indices = None
+        if out is not None:  # indices in the output's memory format, so torch writes them in place
+            like = x.new_empty(0, dtype=torch.long)
+            if out.is_contiguous() or not out.is_contiguous(memory_format=torch.channels_last):
+                indices = self.scratch("indices", shape, like)
+            else:
+                indices = self.scratch("indices", (shape[0], *shape[2:], shape[1]), like).permute(0, 3, 1, 2)
+        out, indices = F.max_pool2d_forward(x, *self._settings(), out=out, indices=indices)
         self.save_for_backward(indices, x.shape)
         return out
 
@@ -239,7 +245,7 @@ class MaxPool2d(Module):
         return F.max_pool2d_backward(dout, indices, shape, dx=self.scratch("dx", shape, dout))
 
     def reference_forward(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
-        return TF.max_pool2d(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
+        return TF.max_pool2d(x, *self._settings())
 
     def to_torch(self) -> torch.nn.Module:
         return torch.nn.MaxPool2d(self.kernel_size, self.stride, self.padding, self.dilation, ceil_mode=self.ceil_mode)
@@ -264,11 +270,13 @@ class AvgPool2d(Module):
                  divisor_override: int | None = None) -> None:
         super().__init__()
         owner = "AvgPool2d"
-        self.kernel_size = _pair_of(owner, "kernel_size", kernel_size, 1)
-        self.stride = self.kernel_size if stride is None else _pair_of(owner, "stride", stride, 1)
-        self.padding = _pair_of(owner, "padding", padding, 0)
-        if any(2 * p > k for p, k in zip(self.padding, self.kernel_size)):
-            raise ValueError(f"AvgPool2d: padding {self.padding} must be at most half the kernel {self.kernel_size}")
+        self.kernel_size, self.stride = kernel_size, kernel_size if stride is None else stride
+        self.padding = padding
+        self._kernel = _pair_of(owner, "kernel_size", kernel_size, 1)
+        self._stride = self._kernel if stride is None else _pair_of(owner, "stride", stride, 1)
+        self._padding = _pair_of(owner, "padding", padding, 0)
+        if any(2 * p > k for p, k in zip(self._padding, self._kernel)):
+            raise ValueError(f"AvgPool2d: padding {padding} must be at most half the kernel {kernel_size}")
         if divisor_override is not None:
             _positive_int(owner, "divisor_override", divisor_override)
         self.ceil_mode = bool(ceil_mode)
@@ -276,12 +284,12 @@ class AvgPool2d(Module):
         self.divisor_override = divisor_override
 
     def _settings(self) -> tuple:
-        return (self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad,
+        return (self._kernel, self._stride, self._padding, self.ceil_mode, self.count_include_pad,
                 self.divisor_override)
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x, ndim=4)
-        size = _output_size(self, x, self.kernel_size, self.stride, self.padding, (1, 1), self.ceil_mode)
+        size = _output_size(self, x, self._kernel, self._stride, self._padding, (1, 1), self.ceil_mode)
         self.save_for_backward(x.shape)
         return F.avg_pool2d_forward(x, *self._settings(), out=self.scratch("out", (*x.shape[:2], *size), x))
 
@@ -293,7 +301,8 @@ class AvgPool2d(Module):
         return TF.avg_pool2d(x, *self._settings())
 
     def to_torch(self) -> torch.nn.Module:
-        return torch.nn.AvgPool2d(*self._settings())
+        return torch.nn.AvgPool2d(self.kernel_size, self.stride, self.padding, self.ceil_mode, self.count_include_pad,
+                                  self.divisor_override)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, padding={self.padding}"

@@ -389,7 +389,7 @@ def _weight_grad_by_windows(dout: Tensor, x: Tensor, weight_shape: torch.Size, s
     if padding == (0, 0) and x.is_contiguous(memory_format=torch.channels_last):
         xp = x
     else:
-        if padded is None:
+        if padded is None or not padded.is_contiguous(memory_format=torch.channels_last):
             padded = x.new_empty((n, height + 2 * p_h, width + 2 * p_w, c_in)).permute(0, 3, 1, 2)
         xp = padded
         for border in (xp[:, :, :p_h], xp[:, :, p_h + height:], xp[:, :, :, :p_w], xp[:, :, :, p_w + width:]):

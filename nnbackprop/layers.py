@@ -251,8 +251,10 @@ class Dropout(Module):
         if not self.training or self.p == 0:
             self.save_for_backward(None)
             return x
+        # The mask buffer is laid out in x's logical order whatever x's memory format, so that a seed draws the same
+        # mask in every layout (random draws fill a tensor in memory order).
         out, mask = F.dropout_forward(x, self.p, self.generator, out=self.scratch("out", x.shape, x),
-                                      mask=self.scratch("mask", x.shape, x))
+                                      mask=self.scratch("mask", x.shape, x.new_empty(0)))
         self.save_for_backward(mask)
         return out
 
