@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from nnbackprop import (AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, BCEWithLogitsLoss, Conv2d, CrossEntropyLoss, Dropout,
-                        Flatten, GELU, LeakyReLU, Linear, MaxPool2d, MSELoss, ReLU, Sequential, Tanh, cnn, make_step, mlp,
-                        to_torch)
+                        Flatten, GELU, LeakyReLU, Linear, MaxPool2d, MSELoss, ReLU, Sequential, Tanh, cnn, make_step,
+                        mlp, to_torch)
 from nnbackprop.module import Module
 from nnbackprop.optim import SGD, Adam, AdamW
 from nnbackprop.step import FastStep, SimpleStep, num_correct
