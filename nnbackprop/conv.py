@@ -10,6 +10,7 @@ module. Outputs and input gradients go into the fast layout's workspace where th
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Mapping
 
 import torch
@@ -156,10 +157,14 @@ class Conv2d(Module):
         (x,) = self.saved_tensors
         has_bias = self.bias is not None
         (p_h, p_w), (n, c, h, w) = self._padding, x.shape
+        padded = self.scratch("padded", (n, c, h + 2 * p_h, w + 2 * p_w), x)  # channels-last, as x
+        zeroed = self.__dict__.get("_zeroed")
+        if padded is not None and (zeroed is None or zeroed() is not padded):  # only its interior is written after
+            self.__dict__["_zeroed"] = weakref.ref(padded.zero_())
         dx, dW, db = F.conv2d_backward(
             dout, x, self.weight, self.stride, self._padding, self.dilation, self.groups, bias=has_bias,
             input_grad=self.needs_input_grad, dW=self.weight.grad_out(), db=self.bias.grad_out() if has_bias else None,
-            padded=self.scratch("padded", (n, c, h + 2 * p_h, w + 2 * p_w), x),  # channels-last, as x
+            padded=padded,
         )
         self.weight.accumulate(dW)
         if has_bias:

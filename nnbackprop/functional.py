@@ -338,7 +338,7 @@ def conv2d_backward(
         dout: ``(N, C_out, H_out, W_out)``; x: ``(N, C_in, H, W)``; weight: ``(C_out, C_in / G, k_h, k_w)``.
         bias: whether the layer has a bias (else ``db`` is ``None``).
         input_grad: whether ``dx`` is needed (not for a first layer); else it is ``None``.
-        padded: where :func:`conv2d_weight_grad` may lay out ``x̃`` (see there).
+        padded: where :func:`conv2d_weight_grad` may lay out ``x̃``, its border zero (see there).
     Returns:
         ``dx`` like ``x`` (in ``dout``'s memory format), ``dW`` like ``weight``, ``db (C_out,)``. ``dx`` and ``dW`` are
         copied into the given buffers: torch's transposed convolution has no kernel that writes into a given tensor.
@@ -354,7 +354,7 @@ def conv2d_backward(
     return (dx_ if dx is None else dx.copy_(dx_)), dW, db
 
 
-CHUNK_BYTES = 24 << 20
+CHUNK_BYTES = 30 << 20
 """The most memory the window matrix of :func:`conv2d_weight_grad` takes at a time (some images' windows): few large
 products run faster than many small ones, and under 32 MiB the allocator reuses the memory from call to call instead of
 mapping fresh pages."""
@@ -369,8 +369,9 @@ def conv2d_weight_grad(dout: Tensor, x: Tensor, weight_shape: torch.Size, stride
     * ungrouped (``groups == 1``): a matrix product over every output position ``(n, h, w)``:
       ``dW (C_out, k_h·k_w·C_in) = doutᵀ (C_out, N·H_out·W_out) @ windows (N·H_out·W_out, k_h·k_w·C_in)``, row
       ``(n, h, w)`` of ``windows`` being the window of ``x̃`` that output position read, channels last. ``x̃`` is laid
-      out channels-last once (into ``padded``, a channels-last ``(N, C_in, H + 2 p_h, W + 2 p_w)`` tensor, if given);
-      the windows are a strided view of it, copied a few images (:data:`CHUNK_BYTES`) at a time and multiplied in;
+      out channels-last once (into ``padded`` if given: a channels-last ``(N, C_in, H + 2 p_h, W + 2 p_w)`` tensor
+      whose border is zero, e.g. a workspace buffer zeroed once, as only its interior is written); the windows are a
+      strided view of it, copied a few images (:data:`CHUNK_BYTES`) at a time and multiplied in;
     * grouped: one ``conv2d`` with batch and channels exchanged: the ``C_g`` images ``xᵀ (C_g, G·N, H, W)`` (channel
       ``g·N + n`` is ``x[n, g·C_g + c]``) filtered by the ``C_out`` filters ``doutᵀ (C_out, N, H_out, W_out)`` in
       ``G`` groups, with stride ``d`` and dilation ``s``: output ``(c, o, i, j)`` is exactly the sum above (for
@@ -389,11 +390,11 @@ def _weight_grad_by_windows(dout: Tensor, x: Tensor, weight_shape: torch.Size, s
     if padding == (0, 0) and x.is_contiguous(memory_format=torch.channels_last):
         xp = x
     else:
-        if padded is None or not padded.is_contiguous(memory_format=torch.channels_last):
-            padded = x.new_empty((n, height + 2 * p_h, width + 2 * p_w, c_in)).permute(0, 3, 1, 2)
+        if padded is None:
+            padded = x.new_zeros((n, height + 2 * p_h, width + 2 * p_w, c_in)).permute(0, 3, 1, 2)
+        if not padded.is_contiguous(memory_format=torch.channels_last):
+            raise ValueError(f"conv2d_weight_grad: padded must be a channels-last tensor, got strides {padded.stride()}")
         xp = padded
-        for border in (xp[:, :, :p_h], xp[:, :, p_h + height:], xp[:, :, :, :p_w], xp[:, :, :, p_w + width:]):
-            border.zero_()
         xp[:, :, p_h:p_h + height, p_w:p_w + width].copy_(x)
     xl = xp.permute(0, 2, 3, 1)  # (N, H + 2p_h, W + 2p_w, C_in), contiguous
     sn, sh, sw, _ = xl.stride()
@@ -403,12 +404,12 @@ def _weight_grad_by_windows(dout: Tensor, x: Tensor, weight_shape: torch.Size, s
     per_image = h_out * w_out * k_h * k_w * c_in * x.element_size()
     images = max(1, min(n, CHUNK_BYTES // per_image))
     rows = x.new_empty((images * h_out * w_out, k_h * k_w * c_in))
-    dW = x.new_zeros((c_out, k_h * k_w * c_in))
+    dW = x.new_empty((c_out, k_h * k_w * c_in))
     for first in range(0, n, images):
         m = min(images, n - first)
         chunk = rows[: m * h_out * w_out]
         chunk.view(m, h_out, w_out, k_h, k_w, c_in).copy_(windows[first:first + m])
-        dW.addmm_(d[first * h_out * w_out:(first + m) * h_out * w_out].t(), chunk)
+        dW.addmm_(d[first * h_out * w_out:(first + m) * h_out * w_out].t(), chunk, beta=1 if first else 0)
     return dW.view(c_out, k_h, k_w, c_in).permute(0, 3, 1, 2)
 
 

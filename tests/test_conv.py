@@ -87,9 +87,12 @@ def test_fast_conv_backward_equals_the_naive_im2col_one(name: str, gen: torch.Ge
     assert _rel(swapped, naive[1]) <= 1e-12
     if groups == 1:
         n, c, h, w = x.shape
-        padded = torch.full((n, h + 2 * padding[0], w + 2 * padding[1], c), float("nan"), dtype=F64).permute(0, 3, 1, 2)
+        padded = torch.zeros((n, h + 2 * padding[0], w + 2 * padding[1], c), dtype=F64).permute(0, 3, 1, 2)
+        padded[:, :, padding[0]:padding[0] + h, padding[1]:padding[1] + w] = float("nan")
         windows = F._weight_grad_by_windows(dout, x, weight.shape, stride, padding, dilation, padded)
-        assert _rel(windows, naive[1]) <= 1e-12  # the buffer's old content (NaN) is overwritten, border included
+        assert _rel(windows, naive[1]) <= 1e-12  # the buffer's old interior (NaN) is overwritten
+        with pytest.raises(ValueError, match="padded must be a channels-last tensor"):
+            F._weight_grad_by_windows(dout, x, weight.shape, stride, padding, dilation, padded.contiguous() + 1)
 
 
 def test_conv2d_backward_writes_into_given_buffers_and_skips_dx(gen: torch.Generator) -> None:
