@@ -157,7 +157,9 @@ class Conv2d(Module):
         (x,) = self.saved_tensors
         has_bias = self.bias is not None
         (p_h, p_w), (n, c, h, w) = self._padding, x.shape
-        padded = self.scratch("padded", (n, c, h + 2 * p_h, w + 2 * p_w), x)  # channels-last, as x
+        padded = None
+        if self.groups == 1 and self._padding != (0, 0):  # where the weight gradient lays out x̃, channels-last as x
+            padded = self.scratch("padded", (n, c, h + 2 * p_h, w + 2 * p_w), x)
         zeroed = self.__dict__.get("_zeroed")
         if padded is not None and (zeroed is None or zeroed() is not padded):  # only its interior is written after
             self.__dict__["_zeroed"] = weakref.ref(padded.zero_())
@@ -170,6 +172,10 @@ class Conv2d(Module):
         if has_bias:
             self.bias.accumulate(db)
         return dx
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What pickling and ``copy.deepcopy`` keep: all but the (weak) note of the buffer whose border is zero."""
+        return {k: v for k, v in self.__dict__.items() if k != "_zeroed"}
 
     def reference_forward(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
         return TF.conv2d(x, params["weight"], params.get("bias"), self.stride, self._padding, self.dilation,

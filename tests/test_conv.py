@@ -5,6 +5,8 @@ inputs."""
 
 from __future__ import annotations
 
+import copy
+import io
 import math
 import warnings
 from typing import Callable
@@ -373,6 +375,18 @@ def test_fast_layout_runs_convolutions_channels_last_into_its_buffers(gen: torch
     assert {"1", "2", "6"} <= set(buffered)  # batch norm, ReLU and max pooling outputs stay in their buffers
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-13, msg=name)
+
+
+def test_a_model_that_trained_in_the_fast_layout_pickles_and_copies(gen: torch.Generator) -> None:
+    model = nb.cnn((1, 6, 6), (2,), 2, dtype=F64, generator=gen)
+    step = nb.make_step(model, nb.CrossEntropyLoss(), nb.SGD(model.parameters(), lr=0.1))
+    step(make_input((4, 1, 6, 6), gen), torch.tensor([0, 1, 0, 1]))
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for twin in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        x = make_input((3, 1, 6, 6), gen)
+        torch.testing.assert_close(twin.eval()(x), model.eval()(x))
 
 
 # ---------------------------------------------------------------------------------------------------------- init
