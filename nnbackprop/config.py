@@ -26,7 +26,7 @@ from typing import Any, Callable, Mapping, Sequence
 from nnbackprop.datasets import DATASETS
 from nnbackprop.diagnostics import MODES
 from nnbackprop.errors import ERROR_PREFIX, ConfigError, one_line
-from nnbackprop.layers import LINEAR_INITS
+from nnbackprop.init import SCHEMES
 from nnbackprop.layout import DTYPES
 from nnbackprop.losses import LOSSES
 from nnbackprop.model import ACTIVATIONS
@@ -160,7 +160,7 @@ class TrainConfig:
     dropout: float = setting(0.2, "model", "dropout after each hidden layer", between(0, 1))
     batchnorm: bool = setting(False, "model", "batch normalisation after each hidden linear layer")
     init: str = setting("default", "model", "weight initialisation (default: as torch.nn.Linear)",
-                        one_of(*LINEAR_INITS))
+                        one_of(*SCHEMES))
     loss: str = setting("ce", "model", "ce: softmax cross-entropy; mse: squared error to one-hot targets; bce: one "
                         "logit, two classes", one_of(*LOSSES))
     # optimisation

@@ -10,7 +10,6 @@ bound (:meth:`~nnbackprop.module.Module.scratch`), parameter gradients into its 
 
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import torch
@@ -18,9 +17,8 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from nnbackprop import functional as F
+from nnbackprop.init import SCHEMES, reset_
 from nnbackprop.module import Module, Parameter
-
-LINEAR_INITS = ("default", "kaiming", "xavier")
 
 
 class Linear(Module):
@@ -32,7 +30,7 @@ class Linear(Module):
         bias: learn an additive bias.
         init: ``"default"`` as ``torch.nn.Linear`` (``W, b ~ U(−1/√D_in, 1/√D_in)``), ``"kaiming"``
             (``W ~ N(0, 2/D_in)``, for ReLU nets; ``b = 0``) or ``"xavier"``
-            (``W ~ U(±√(6/(D_in + D_out)))``; ``b = 0``).
+            (``W ~ U(±√(6/(D_in + D_out)))``; ``b = 0``), drawn as :mod:`nnbackprop.init` draws them.
         generator: the random source for the initial values, so models repeat.
 
     Shape:
@@ -58,8 +56,8 @@ class Linear(Module):
         for what, size in (("in_features", in_features), ("out_features", out_features)):
             if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
                 raise ValueError(f"Linear: {what} must be a positive integer, got {size!r}")
-        if init not in LINEAR_INITS:
-            raise ValueError(f"Linear: unknown init '{init}', choose one of {', '.join(LINEAR_INITS)}")
+        if init not in SCHEMES:
+            raise ValueError(f"Linear: unknown init '{init}', choose one of {', '.join(SCHEMES)}")
         self.in_features = in_features
         self.out_features = out_features
         self.init = init
@@ -69,27 +67,8 @@ class Linear(Module):
         self.reset_parameters(generator)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Draw fresh initial values with this layer's ``init`` scheme."""
-        device = generator.device if generator is not None else self.weight.device
-        w = torch.empty(self.weight.shape, dtype=self.weight.dtype, device=device)
-        b = torch.zeros(self.out_features, dtype=w.dtype, device=device)
-        fan_in, fan_out = self.in_features, self.out_features
-        if self.init == "default":
-            bound = 1.0 / math.sqrt(fan_in)
-            # kaiming_uniform_(a=√5) rounded exactly as torch.nn.Linear rounds it, so the same seed gives the same bits
-            w_bound = math.sqrt(3.0) * (math.sqrt(2.0 / (1 + math.sqrt(5) ** 2)) / math.sqrt(fan_in))
-            w.uniform_(-w_bound, w_bound, generator=generator)
-            if self.bias is not None:  # torch.nn.Linear draws no bias values when it has none
-                b.uniform_(-bound, bound, generator=generator)
-        elif self.init == "kaiming":
-            w.normal_(0.0, math.sqrt(2.0 / fan_in), generator=generator)
-        else:
-            bound = math.sqrt(6.0 / (fan_in + fan_out))
-            w.uniform_(-bound, bound, generator=generator)
-        with torch.no_grad():
-            self.weight.copy_(w)
-            if self.bias is not None:
-                self.bias.copy_(b)
+        """Draw fresh initial values with this layer's ``init`` scheme (:func:`nnbackprop.init.reset_`)."""
+        reset_(self.weight, self.bias, self.init, generator)
 
     def forward(self, x: Tensor) -> Tensor:
         self.check_input(x, ndim=2, features=self.in_features)
@@ -272,8 +251,10 @@ class Dropout(Module):
         if not self.training or self.p == 0:
             self.save_for_backward(None)
             return x
+        # The mask buffer is laid out in x's logical order whatever x's memory format, so that a seed draws the same
+        # mask in every layout (random draws fill a tensor in memory order).
         out, mask = F.dropout_forward(x, self.p, self.generator, out=self.scratch("out", x.shape, x),
-                                      mask=self.scratch("mask", x.shape, x))
+                                      mask=self.scratch("mask", x.shape, x.new_empty(0)))
         self.save_for_backward(mask)
         return out
 
@@ -320,21 +301,24 @@ class Flatten(Module):
         return f"start_dim={self.start_dim}, end_dim={self.end_dim}"
 
 
-class BatchNorm1d(Module):
-    r"""Batch normalization of ``(N, C)`` features: :math:`y = γ (x − μ) / \sqrt{σ² + ε} + β`.
+class _BatchNorm(Module):
+    r"""Batch normalization of each channel (dim 1) over all its values in the batch:
+    :math:`y = γ (x − μ) / \sqrt{σ² + ε} + β`, one pair of :mod:`~nnbackprop.functional` for every rank.
 
     In training ``μ, σ²`` are the batch's (biased variance) and the running averages are updated with ``momentum``
-    (unbiased variance), as ``torch.nn.BatchNorm1d``; in evaluation the running averages are used.
+    (unbiased variance), as in ``torch.nn``; in evaluation the running averages are used.
 
     Args:
-        num_features: ``C``.
+        num_features: ``C``, the channels (features) of dim 1.
         eps: added to the variance for stability.
         momentum: weight of the new batch statistic in the running averages.
 
     Attributes:
         weight (γ), bias (β): ``(C,)`` parameters. Buffers ``running_mean``, ``running_var`` ``(C,)`` and
-        ``num_batches_tracked``, with ``torch.nn.BatchNorm1d``'s names.
+        ``num_batches_tracked``, with ``torch.nn``'s names.
     """
+
+    _torch_class: type[torch.nn.Module]
 
     def __init__(
         self,
@@ -347,7 +331,7 @@ class BatchNorm1d(Module):
     ) -> None:
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features <= 0:
-            raise ValueError(f"BatchNorm1d: num_features must be a positive integer, got {num_features!r}")
+            raise ValueError(f"{type(self).__name__}: num_features must be a positive integer, got {num_features!r}")
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum
@@ -358,13 +342,16 @@ class BatchNorm1d(Module):
         self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=dtype))
         self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
 
+    def _check(self, x: Tensor) -> None:
+        raise NotImplementedError
+
     def forward(self, x: Tensor) -> Tensor:
-        self.check_input(x, ndim=2, features=self.num_features)
-        if self.training and x.shape[0] < 2:
-            raise ValueError(
-                f"{self.name}: training needs more than one sample per batch to estimate the batch variance, "
-                f"got batch size {x.shape[0]}. Use a larger batch or call model.eval()."
-            )
+        self._check(x)
+        if self.training and x.numel() < 2 * self.num_features:
+            needs = "sample per batch" if x.dim() == 2 else "value per channel (N·H·W > 1)"
+            got = f"batch size {x.shape[0]}" if x.dim() == 2 else f"shape {tuple(x.shape)}"
+            raise ValueError(f"{self.name}: training needs more than one {needs} to estimate the batch variance, "
+                             f"got {got}. Use a larger batch or call model.eval().")
         if self.training:
             self.num_batches_tracked.add_(1)
         out, xhat, rstd = F.batchnorm_forward(
@@ -378,25 +365,45 @@ class BatchNorm1d(Module):
         xhat, rstd, training = self.saved_tensors
         dx, dgamma, dbeta = F.batchnorm_backward(
             dout, xhat, rstd, self.weight, training, input_grad=self.needs_input_grad,
-            dx=self.scratch("dx", dout.shape, dout) if self.needs_input_grad else None,
-            dW=self.weight.grad_out(), db=self.bias.grad_out(),
+            dx=self.scratch("dx", dout.shape, dout), dW=self.weight.grad_out(), db=self.bias.grad_out(),
         )
         self.weight.accumulate(dgamma)
         self.bias.accumulate(dbeta)
         return dx
 
     def reference_forward(self, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
-        """``F.batch_norm`` on copies of the running averages (the real forward has already updated them)."""
+        """``F.batch_norm`` on copies of the running averages (the real forward has already updated them), in ``x``'s
+        dtype."""
         return TF.batch_norm(
-            x, self.running_mean.clone(), self.running_var.clone(), params["weight"], params["bias"],
-            self.training, self.momentum, self.eps,
+            x, self.running_mean.to(x.dtype, copy=True), self.running_var.to(x.dtype, copy=True), params["weight"],
+            params["bias"], self.training, self.momentum, self.eps,
         )
 
     def to_torch(self) -> torch.nn.Module:
         w = self.weight
-        m = torch.nn.BatchNorm1d(self.num_features, self.eps, self.momentum, device=w.device, dtype=w.dtype)
+        m = self._torch_class(self.num_features, self.eps, self.momentum, device=w.device, dtype=w.dtype)
         m.load_state_dict(self.state_dict())
         return m
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch normalization of features ``(N, C)`` over the batch, as ``torch.nn.BatchNorm1d``; see
+    :class:`_BatchNorm`."""
+
+    _torch_class = torch.nn.BatchNorm1d
+
+    def _check(self, x: Tensor) -> None:
+        self.check_input(x, ndim=2, features=self.num_features)
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch normalization of images ``(N, C, H, W)``, each channel over its ``N·H·W`` values, as
+    ``torch.nn.BatchNorm2d``; see :class:`_BatchNorm`."""
+
+    _torch_class = torch.nn.BatchNorm2d
+
+    def _check(self, x: Tensor) -> None:
+        self.check_input(x, ndim=4, channels=self.num_features)

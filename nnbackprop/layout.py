@@ -50,17 +50,27 @@ class Workspace:
         self.generation = 0
 
     def buffer(self, owner: Module, name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-        """``owner``'s buffer ``name`` as a tensor of ``shape`` with ``like``'s dtype and device (contents undefined).
+        """``owner``'s buffer ``name`` as a tensor of ``shape`` with ``like``'s dtype and device (contents undefined),
+        channels-last when ``like`` is a channels-last image batch (as the fast layout's convolutions make them).
 
         The buffer is allocated with the batch dimension (the first) of the largest ``shape`` asked for; smaller
         batches get its leading rows."""
         key = (id(owner), name)
         full = self._full.get(key)
+        layout = _memory_format(shape, like)
         if (full is None or full.shape[1:] != shape[1:] or full.shape[0] < shape[0] or full.dtype != like.dtype
-                or full.device != like.device):
-            full = self._full[key] = torch.empty(shape, dtype=like.dtype, device=like.device)
+                or full.device != like.device or not full.is_contiguous(memory_format=layout)):
+            full = self._full[key] = torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=layout)
             self.generation += 1
         return full if full.shape[0] == shape[0] else full[: shape[0]]
+
+
+def _memory_format(shape: tuple[int, ...], like: Tensor) -> torch.memory_format:
+    """Channels-last for an image-shaped buffer asked for like a channels-last image batch, else contiguous."""
+    if len(shape) == 4 and like.dim() == 4 and not like.is_contiguous() and like.is_contiguous(
+            memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _check_flat(params: list[Parameter]) -> None:

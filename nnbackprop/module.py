@@ -328,21 +328,23 @@ class Module:
         state["_scratch"][(name, shape)] = (workspace.generation, view)
         return view
 
-    def check_input(self, x: Any, *, ndim: int | None = None, features: int | None = None) -> None:
+    def check_input(self, x: Any, *, ndim: int | None = None, features: int | None = None,
+                    channels: int | None = None) -> None:
         """Raise a ``ValueError`` naming this module, what it expected and what it got, unless ``x`` is a
-        floating-point tensor of rank ``ndim`` whose last dimension is ``features``, on the parameters' dtype and
-        device."""
+        floating-point tensor of rank ``ndim`` whose last dimension is ``features`` and whose dimension 1 is
+        ``channels`` (images ``(N, C, H, W)``: ``ndim=4, channels=C``), on the parameters' dtype and device."""
         if (isinstance(x, Tensor) and x.is_floating_point() and (ndim is None or x.dim() == ndim)
-                and (features is None or (x.dim() > 0 and x.shape[-1] == features))):
+                and (features is None or (x.dim() > 0 and x.shape[-1] == features))
+                and (channels is None or (x.dim() > 1 and x.shape[1] == channels))):
             params = self._parameters
             if not params:
                 return
             p = params[next(iter(params))]
             if x.dtype == p.dtype and x.device == p.device:
                 return
-        self._input_error(x, ndim, features)
+        self._input_error(x, ndim, features, channels)
 
-    def _input_error(self, x: Any, ndim: int | None, features: int | None) -> None:
+    def _input_error(self, x: Any, ndim: int | None, features: int | None, channels: int | None) -> None:
         if not isinstance(x, Tensor):
             raise ValueError(f"{self.name}: expected a torch.Tensor input, got {type(x).__name__}")
         if not x.is_floating_point():
@@ -350,16 +352,24 @@ class Module:
                 f"{self.name}: expected a floating-point input, got dtype {x.dtype}. Convert it first, e.g. x.float() "
                 "(uint8 images should also be scaled, e.g. x.float() / 255)."
             )
+        images = ndim == 4
         if ndim is not None and x.dim() != ndim:
             expected = f"(N, {features})" if ndim == 2 and features is not None else f"rank {ndim}"
-            raise ValueError(
-                f"{self.name}: expected input of shape {expected}, got shape {tuple(x.shape)} (rank {x.dim()}). "
-                "Flatten images with nnbackprop.Flatten() or add a batch dimension with x.unsqueeze(0)."
-            )
+            if images:
+                expected = f"(N, {channels if channels is not None else 'C'}, H, W)"
+            hint = ("Give images as (N, C, H, W) (x.view(N, C, H, W) undoes a Flatten); add a batch dimension with "
+                    "x.unsqueeze(0)." if images else
+                    "Flatten images with nnbackprop.Flatten() or add a batch dimension with x.unsqueeze(0).")
+            raise ValueError(f"{self.name}: expected input of shape {expected}, got shape {tuple(x.shape)} "
+                             f"(rank {x.dim()}). {hint}")
         if features is not None and (x.dim() == 0 or x.shape[-1] != features):
             raise ValueError(
                 f"{self.name}: expected {features} input features, shape (N, {features}), got shape {tuple(x.shape)}"
             )
+        if channels is not None and (x.dim() < 2 or x.shape[1] != channels):
+            rest = ", H, W" if images else ", ..."
+            raise ValueError(f"{self.name}: expected {channels} input channels, shape (N, {channels}{rest}), got "
+                             f"shape {tuple(x.shape)}")
         p = next(iter(self._parameters.values()))
         if x.dtype != p.dtype:
             raise ValueError(

@@ -216,8 +216,8 @@ class FastStep:
             raise ConfigError(f"the model's parameters are {first.dtype}: training in a 16-bit dtype keeps float32 "
                               f"master weights; build the model in float32 and pass dtype={first.dtype}")
         if dtype == torch.float16:
-            raise ConfigError("float16 training needs loss scaling (its gradients underflow), which nnbackprop does not "
-                              "do; use dtype=torch.bfloat16, which has float32's range")
+            raise ConfigError("float16 training needs loss scaling (its gradients underflow), which nnbackprop does "
+                              "not do; use dtype=torch.bfloat16, which has float32's range")
         if dtype is not None and dtype != first.dtype and not (dtype in LOW_PRECISION and first.dtype == torch.float32):
             raise ValueError(f"FastStep: dtype {dtype} for a {first.dtype} model; the compute dtype is the model's "
                              "own, or bfloat16/float16 for a float32 model (mixed precision); cast the model with "

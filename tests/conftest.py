@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from nnbackprop.gradcheck import GradCheckReport
+from nnbackprop.module import Module
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBPROCESS_TIMEOUT_S = 1800.0
@@ -47,6 +48,28 @@ def assert_failed(report: GradCheckReport, *names: str) -> None:
     """The check must fail, and on exactly the tensors ``names``."""
     assert not report.passed, f"a wrong gradient passed the check:\n{report}"
     assert sorted(c.name for c in report.failures()) == sorted(names), f"\n{report}"
+
+
+def assert_matches_torch_nn(layer: Module, x: torch.Tensor) -> None:
+    """The layer's ``to_torch()`` equivalent is in the same mode, computes the same output and has the same
+    ``state_dict`` keys and values."""
+    ref = layer.to_torch().train(layer.training)
+    with torch.no_grad():
+        expected = ref(x)
+    torch.testing.assert_close(layer(x), expected)
+    ours_state, ref_state = layer.state_dict(), ref.state_dict()
+    assert list(ours_state) == list(ref_state)
+    for key in ours_state:
+        torch.testing.assert_close(ours_state[key], ref_state[key], msg=key)
+
+
+def randomize_batchnorm(bn: Module, g: torch.Generator, training: bool) -> Module:
+    """A batch norm layer with random affine parameters and running statistics, so that none of them is trivial."""
+    bn.weight.data.normal_(1.0, 0.5, generator=g)
+    bn.bias.data.normal_(0.0, 0.5, generator=g)
+    bn.running_mean.normal_(0.0, 1.0, generator=g)
+    bn.running_var.uniform_(0.5, 2.0, generator=g)
+    return bn.train(training)
 
 
 LAYOUTS = ("contiguous", "transposed", "strided")

@@ -211,7 +211,10 @@ def test_checker_misuse_is_reported(call: Callable[[], object], error: type[Exce
 @pytest.mark.parametrize("dtype_", [torch.float64, torch.float32])
 def test_builtin_checks_all_pass(dtype_: torch.dtype, device: torch.device) -> None:
     reports = builtin_checks(device, dtype_)
-    assert len(reports) > 20
+    assert len(reports) > 40
+    covered = " ".join(report.subject for report in reports)
+    for layer in ("Conv2d", "depthwise", "MaxPool2d", "AvgPool2d", "AdaptiveAvgPool2d", "BatchNorm2d", "CNN"):
+        assert layer in covered
     for report in reports:
         assert_passed(report)
 

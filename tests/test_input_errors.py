@@ -7,8 +7,8 @@ from typing import Callable
 import pytest
 import torch
 
-from nnbackprop import (GELU, BatchNorm1d, BCEWithLogitsLoss, CrossEntropyLoss, Dropout, Flatten, LeakyReLU, Linear,
-                        Module, MSELoss, ReLU, Sequential, mlp)
+from nnbackprop import (GELU, BatchNorm1d, BatchNorm2d, BCEWithLogitsLoss, Conv2d, CrossEntropyLoss, Dropout, Flatten,
+                        LeakyReLU, Linear, Module, MSELoss, ReLU, Sequential, cnn, mlp)
 
 LINEAR = "Linear(in_features=4, out_features=3, bias=True)"
 
@@ -42,6 +42,10 @@ BAD_INPUTS = {
     "model-names-the-failing-layer": (lambda: mlp(6, [5], 3, flatten=False)(torch.randn(2, 6)[:, :5]),
                                       ["Linear(in_features=6, out_features=5, bias=True)", "got shape (2, 5)"]),
     "batchnorm-feature-size": (lambda: BatchNorm1d(4)(torch.randn(3, 5)), ["BatchNorm1d(4", "(N, 4)", "(3, 5)"]),
+    "batchnorm2d-flat-input": (lambda: BatchNorm2d(4)(torch.randn(3, 4)),
+                               ["BatchNorm2d(4", "expected input of shape (N, 4, H, W)", "(rank 2)"]),
+    "conv-images-flattened": (lambda: Conv2d(1, 2, 3)(torch.randn(2, 784)), ["Conv2d(1, 2", "(N, 1, H, W)",
+                                                                            "got shape (2, 784) (rank 2)"]),
     "batchnorm-train-batch1": (lambda: BatchNorm1d(4)(torch.randn(1, 4)),
                                ["BatchNorm1d(4", "more than one sample", "got batch size 1", "model.eval()"]),
     "ce-label-too-large": (_ce(torch.randn(4, 3), torch.tensor([0, 1, 3, 2])),
@@ -139,6 +143,10 @@ BAD_ARGUMENTS = {
     "leaky-slope-text": (lambda: LeakyReLU("0.1"), "LeakyReLU: negative_slope must be a number, got '0.1'"),
     "gelu-approximate": (lambda: GELU("fast"), "GELU: approximate must be 'none' or 'tanh', got 'fast'"),
     "batchnorm-features": (lambda: BatchNorm1d(0), "BatchNorm1d: num_features must be a positive integer, got 0"),
+    "batchnorm2d-features": (lambda: BatchNorm2d(2.0), "BatchNorm2d: num_features must be a positive integer, got 2.0"),
+    "conv-groups": (lambda: Conv2d(3, 6, 3, groups=2), "Conv2d: in_channels (3) and out_channels (6) must both be "
+                                                       "divisible by groups (2)"),
+    "cnn-stages": (lambda: cnn((3, 8, 8), [16, 32, 64, 128], 10), "cnn: 8x8 images are too small for 4 stages"),
     "mlp-activation": (lambda: mlp(4, [3], 2, activation="swish"), "unknown activation 'swish'"),
     "mlp-hidden": (lambda: mlp(4, [3, 0], 2), "hidden layer widths must be positive integers, got [3, 0]"),
     "mlp-hidden-int": (lambda: mlp(784, 512, 10), "mlp: hidden must be a list of layer widths such as [512, 512]"),

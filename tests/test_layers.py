@@ -8,7 +8,7 @@ from typing import Callable
 
 import pytest
 import torch
-from conftest import CUDA, assert_passed, make_input
+from conftest import CUDA, assert_matches_torch_nn, assert_passed, make_input, randomize_batchnorm
 
 from nnbackprop import (GELU, BatchNorm1d, Dropout, Flatten, LeakyReLU, Linear, Module, ReLU, Sigmoid, Tanh,
                         check_gradients, check_gradients_fd, to_torch)
@@ -17,17 +17,8 @@ F64 = torch.float64
 
 
 def _batchnorm(training: bool) -> Callable[[torch.Generator], Module]:
-    """A ``BatchNorm1d(6)`` with random affine parameters and running statistics, so that none of them is trivial."""
-
-    def make(g: torch.Generator) -> Module:
-        bn = BatchNorm1d(6, momentum=0.2, dtype=F64)
-        bn.weight.data.normal_(1.0, 0.5, generator=g)
-        bn.bias.data.normal_(0.0, 0.5, generator=g)
-        bn.running_mean.normal_(0.0, 1.0, generator=g)
-        bn.running_var.uniform_(0.5, 2.0, generator=g)
-        return bn.train(training)
-
-    return make
+    """A ``BatchNorm1d(6)`` with random affine parameters and running statistics."""
+    return lambda g: randomize_batchnorm(BatchNorm1d(6, momentum=0.2, dtype=F64), g, training)
 
 
 # name -> (factory(generator) building the layer in float64, input shape, input scale, input shift)
@@ -78,16 +69,7 @@ def test_backward_matches_finite_differences(name: str, gen: torch.Generator) ->
 @pytest.mark.parametrize("name", DETERMINISTIC)
 def test_forward_and_state_match_torch_nn(name: str, gen: torch.Generator, device: torch.device,
                                           dtype: torch.dtype) -> None:
-    layer, x = _build(name, gen, device, dtype)
-    ref = to_torch(layer)
-    assert ref.training == layer.training
-    with torch.no_grad():
-        expected = ref(x)
-    torch.testing.assert_close(layer(x), expected)
-    ours_state, ref_state = layer.state_dict(), ref.state_dict()
-    assert list(ours_state) == list(ref_state)
-    for key in ours_state:
-        torch.testing.assert_close(ours_state[key], ref_state[key], msg=key)
+    assert_matches_torch_nn(*_build(name, gen, device, dtype))
 
 
 # ---------------------------------------------------------------------------------------------------- Linear init

@@ -3,14 +3,16 @@ gradients), the module API (``to``, train/eval, ``zero_grad``, ``repr``), and a 
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Iterator
 
 import pytest
 import torch
 from conftest import CUDA, assert_passed, make_input
 
-from nnbackprop import (GELU, BatchNorm1d, CrossEntropyLoss, Dropout, LeakyReLU, Linear, Module, ReLU, Sequential,
-                        Sigmoid, Tanh, check_gradients, check_gradients_fd, mlp, to_torch)
+from nnbackprop import (GELU, AdaptiveAvgPool2d, BatchNorm1d, BatchNorm2d, Conv2d, CrossEntropyLoss, Dropout, Flatten,
+                        LeakyReLU, Linear, MaxPool2d, Module, ReLU, Sequential, Sigmoid, Tanh, check_gradients,
+                        check_gradients_fd, cnn, mlp, to_torch)
 
 F64 = torch.float64
 
@@ -48,9 +50,14 @@ MODELS: dict[str, tuple[Callable[[torch.Generator], Module], tuple[int, ...]]] =
                       dtype=F64, generator=g), (6, 10)),
     "depth4-mixed": (_mixed, (5, 10)),
     "depth3-eval-batch1": (_trained_then_eval, (1, 10)),
+    "cnn-batchnorm": (lambda g: cnn((2, 6, 5), (3, 4), 3, dtype=F64, generator=g), (4, 2, 6, 5)),
+    "cnn-leaky-dropout-hidden-xavier": (
+        lambda g: cnn((1, 8, 8), (3, 2, 2), 2, convs_per_stage=1, kernel_size=5, activation="leaky_relu",
+                      batchnorm=False, dropout=0.2, hidden=[4], init="xavier", dtype=F64, generator=g), (3, 1, 8, 8)),
 }
 # Train-mode forwards torch.nn can reproduce (its dropout draws its own masks); every model in eval mode.
-TRAIN_DETERMINISTIC = ["depth1-linear", "depth2-tanh-images", "depth2-sigmoid-batch1", "depth3-batchnorm"]
+TRAIN_DETERMINISTIC = ["depth1-linear", "depth2-tanh-images", "depth2-sigmoid-batch1", "depth3-batchnorm",
+                       "cnn-batchnorm"]
 FORWARD_CASES = [(name, True) for name in TRAIN_DETERMINISTIC] + [(name, False) for name in MODELS]
 
 
@@ -71,7 +78,7 @@ def test_model_matches_autograd(name: str, device: torch.device, dtype: torch.dt
 @pytest.mark.parametrize("name", MODELS)
 def test_model_matches_finite_differences(name: str) -> None:
     model, x = _build(name)
-    assert check_gradients_fd(model, x)
+    assert check_gradients_fd(model, x, max_seconds=math.inf)  # every element, however busy the machine
 
 
 @pytest.mark.parametrize("name, training", FORWARD_CASES)
@@ -248,6 +255,48 @@ def test_repr_shows_the_architecture() -> None:
         "  (5): Linear(in_features=3, out_features=2, bias=True)",
         ")",
     ])
+
+
+def test_cnn_stages_and_head() -> None:
+    model = cnn((3, 32, 24), (8, 16), 10, hidden=[12], dropout=0.3, generator=torch.Generator().manual_seed(0))
+    kinds = [type(layer) for layer in model]
+    stage = [Conv2d, BatchNorm2d, ReLU, Conv2d, BatchNorm2d, ReLU, MaxPool2d]
+    assert kinds == stage * 2 + [AdaptiveAvgPool2d, Flatten, Dropout, Linear, ReLU, Dropout, Linear]
+    convs = [layer for layer in model if isinstance(layer, Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(3, 8), (8, 8), (8, 16), (16, 16)]
+    assert all(c.kernel_size == (3, 3) and c.padding == (1, 1) and c.bias is None for c in convs)
+    assert model[-1].in_features == 12 and model[-1].out_features == 10
+    assert model(torch.randn(2, 3, 32, 24)).shape == (2, 10)
+    plain = cnn((1, 28, 28), (4, 8, 16), 10, convs_per_stage=1, kernel_size=5, batchnorm=False, activation="tanh")
+    assert [type(layer) for layer in plain][:3] == [Conv2d, Tanh, MaxPool2d] and plain[0].padding == (2, 2)
+    assert all(c.bias is not None for c in plain if isinstance(c, Conv2d)) and plain[-1].in_features == 16
+    assert plain(torch.randn(2, 1, 28, 28)).shape == (2, 10)  # 28 -> 14 -> 7 -> 3
+    twins = [cnn((3, 8, 8), (4,), 2, generator=torch.Generator().manual_seed(s)) for s in (1, 1, 2)]
+    states = [twin.state_dict()["0.weight"] for twin in twins]
+    assert torch.equal(states[0], states[1]) and not torch.equal(states[0], states[2])
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: cnn((32, 32), (8,), 10), r"cnn: input_shape must be \(C, H, W\) of one image"),
+    (lambda: cnn((3, 32, 0), (8,), 10), r"input_shape must be \(C, H, W\)"),
+    (lambda: cnn((3, 32, 32), 8, 10), r"cnn: channels must be a list of widths such as \(32, 64, 128\), got 8"),
+    (lambda: cnn((3, 32, 32), (), 10), "channels must name at least one stage"),
+    (lambda: cnn((3, 32, 32), (8, 0), 10), r"channels must be positive integers, got \[8, 0\]"),
+    (lambda: cnn((3, 32, 32), (8,), 0), "num_classes must be a positive integer"),
+    (lambda: cnn((3, 32, 32), (8,), 10, convs_per_stage=0), "convs_per_stage must be a positive integer"),
+    (lambda: cnn((3, 32, 32), (8,), 10, kernel_size=4), "kernel_size must be an odd positive integer"),
+    (lambda: cnn((3, 32, 32), (8,), 10, activation="swish"), "cnn: unknown activation 'swish'"),
+    (lambda: cnn((3, 32, 32), (8,), 10, dropout=1.0), r"cnn: dropout must be a number in \[0, 1\)"),
+    (lambda: cnn((3, 32, 32), (8,), 10, batchnorm="yes"), "batchnorm must be True or False"),
+    (lambda: cnn((3, 32, 32), (8,), 10, hidden=64), "hidden must be a list of widths"),
+    (lambda: cnn((3, 32, 32), (8,), 10, init="he"), "cnn: unknown init 'he'"),
+    (lambda: cnn((1, 28, 28), (8, 8, 8, 8, 8), 10),
+     "28x28 images are too small for 5 stages .* use at most 4 stages or larger images"),
+])
+def test_cnn_arguments_are_checked_in_one_line(call: Callable[[], Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message) as info:
+        call()
+    assert "\n" not in str(info.value)
 
 
 def test_sequential_container() -> None:

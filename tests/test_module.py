@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_failed, assert_passed
-from user_layers import Scale
+from user_layers import ChannelScale, Scale
 
 import nnbackprop
-from nnbackprop import Linear, Parameter, ReLU, Sequential, check_gradients, check_gradients_fd
+from nnbackprop import (SGD, Conv2d, CrossEntropyLoss, Flatten, Linear, MaxPool2d, Parameter, ReLU, Sequential,
+                        SimpleStep, check_gradients, check_gradients_fd, make_step)
 
 F64 = torch.float64
 
@@ -42,6 +43,34 @@ def test_a_users_layer_is_checked_against_autograd_and_finite_differences(layer_
     layer = layer_class(4).to(F64)
     assert_passed(check_gradients(layer, x))
     assert check_gradients_fd(layer, x)
+
+
+def test_a_users_layer_on_images_checks_its_channels_and_trains_in_the_fast_layout():
+    x = torch.randn(3, 4, 5, 5, dtype=F64, generator=torch.Generator().manual_seed(0))
+    layer = ChannelScale(4).to(F64)
+    assert_passed(check_gradients(layer, x))
+    assert check_gradients_fd(layer, x)
+    with pytest.raises(ValueError, match=r"^ChannelScale\(\): expected 4 input channels, shape \(N, 4, H, W\), got "
+                                         r"shape \(3, 5, 5, 5\)$"):
+        layer(torch.randn(3, 5, 5, 5, dtype=F64))
+    with pytest.raises(ValueError, match=r"expected input of shape \(N, 4, H, W\), got shape \(4, 5, 5\) \(rank 3\)"):
+        layer(torch.randn(4, 5, 5, dtype=F64))
+
+    def build():
+        g = torch.Generator().manual_seed(1)
+        return Sequential(Conv2d(4, 6, 3, padding=1, generator=g), ChannelScale(6), ReLU(), MaxPool2d(2), Flatten(),
+                          Linear(24, 3, generator=g)).to(F64)
+
+    y = torch.tensor([0, 2, 1])
+    models = [build(), build()]
+    steps = [make_step(m, CrossEntropyLoss(), SGD(m.parameters(), lr=0.1, momentum=0.9)) for m in models]
+    steps[1] = SimpleStep(models[1], CrossEntropyLoss(), SGD(models[1].parameters(), lr=0.1, momentum=0.9))
+    assert steps[0].fallback_reason is None  # the user's layer sees channels-last images there
+    for _ in range(3):
+        for step in steps:
+            step(x, y)
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(p.data, q.data, rtol=1e-12, atol=1e-14, msg=name)
 
 
 def test_a_wrong_backward_in_a_users_layer_fails_the_check():

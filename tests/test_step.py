@@ -10,8 +10,9 @@ import copy
 import pytest
 import torch
 
-from nnbackprop import (BCEWithLogitsLoss, CrossEntropyLoss, Dropout, Flatten, GELU, LeakyReLU, Linear, MSELoss, ReLU,
-                        Sequential, Tanh, make_step, mlp, to_torch)
+from nnbackprop import (AdaptiveAvgPool2d, AvgPool2d, BatchNorm2d, BCEWithLogitsLoss, Conv2d, CrossEntropyLoss, Dropout,
+                        Flatten, GELU, LeakyReLU, Linear, MaxPool2d, MSELoss, ReLU, Sequential, Tanh, cnn, make_step,
+                        mlp, to_torch)
 from nnbackprop.errors import BackwardError, ConfigError
 from nnbackprop.evaluation import evaluate
 from nnbackprop.module import Module, Parameter
@@ -79,6 +80,21 @@ def _custom(dtype: torch.dtype = torch.float64, out: int = CLASSES, **_) -> Sequ
         dtype=dtype)
 
 
+def _cnn(dtype: torch.dtype = torch.float64, out: int = CLASSES, **options) -> Sequential:
+    """A CNN on the 1x6x6 batches: two stages (6x6 -> 3x3 -> 1x1), global average pooling, dropout, a hidden Linear."""
+    return cnn((1, 6, 6), (4, 6), out, dtype=dtype, generator=torch.Generator().manual_seed(1), **options)
+
+
+def _every_conv_layer(dtype: torch.dtype = torch.float64, out: int = CLASSES, **_) -> Sequential:
+    """Strided, dilated, grouped and depthwise convolutions, all the pooling layers, 4-D dropout and batch norm."""
+    g = torch.Generator().manual_seed(1)
+    return Sequential(Conv2d(1, 4, 3, padding=1, generator=g), BatchNorm2d(4), ReLU(), Dropout(0.2, generator=g),
+                      Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2, generator=g), Tanh(),
+                      MaxPool2d(2, 1, ceil_mode=True), Conv2d(6, 6, 2, padding=1, groups=6, bias=False, generator=g),
+                      AvgPool2d(2, 1, padding=1, count_include_pad=False), AdaptiveAvgPool2d((2, 1)), Flatten(),
+                      Linear(12, out, generator=g)).to(dtype=dtype)
+
+
 CASES = {  # name: (model options, loss, optimizer settings)
     "relu": ({}, CrossEntropyLoss(), {}),
     "leaky_relu": ({"activation": "leaky_relu"}, CrossEntropyLoss(), {}),
@@ -100,6 +116,11 @@ CASES = {  # name: (model options, loss, optimizer settings)
     "adamw amsgrad": ({"batchnorm": True}, CrossEntropyLoss(), {"optimizer": AdamW, "amsgrad": True}),
     "user layers": ({"build": _custom}, CrossEntropyLoss(), {}),
     "user layers, adam": ({"build": _custom}, CrossEntropyLoss(), {"optimizer": Adam}),
+    "cnn": ({"build": _cnn, "dropout": 0.2, "hidden": [8]}, CrossEntropyLoss(), {}),
+    "cnn no batch norm, gelu, adamw": ({"build": _cnn, "batchnorm": False, "activation": "gelu"}, CrossEntropyLoss(),
+                                       {"optimizer": AdamW, "weight_decay": 1e-2}),
+    "cnn, bce": ({"build": _cnn}, BCEWithLogitsLoss(), {"nesterov": True}),
+    "every conv layer": ({"build": _every_conv_layer}, CrossEntropyLoss(), {}),
 }
 
 
@@ -126,6 +147,22 @@ def test_fast_step_takes_settings_a_fast_kernel_once_refused(layer: Module) -> N
     batches = _batches(torch.float64)
     _assert_same_training(_train(SimpleStep, build(), CrossEntropyLoss(), batches),
                           _train(FastStep, build(), CrossEntropyLoss(), batches), torch.float64)
+
+
+def test_a_cnn_runs_in_the_fast_layout_with_its_images_channels_last() -> None:
+    model = _cnn(dropout=0.2)
+    step = make_step(model, CrossEntropyLoss(), SGD(model.parameters(), lr=0.1, momentum=0.9))
+    assert type(step) is FastStep and step.fallback_reason is None
+    seen = {}
+    for name, layer in model.named_modules():
+        if name:
+            layer.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o))
+    step(*_batches(torch.float64)[0])
+    assert seen["0"].is_contiguous(memory_format=torch.channels_last)  # the first convolution's output, and after it
+    assert seen["1"].is_contiguous(memory_format=torch.channels_last) and not seen["1"].is_contiguous()
+    conv = model[0]
+    assert conv.weight.untyped_storage().data_ptr() == step.layout.flat.data.untyped_storage().data_ptr()
+    assert conv.weight.grad.untyped_storage().data_ptr() == step.layout.flat.grad.untyped_storage().data_ptr()
 
 
 def test_user_layers_live_in_the_flat_buffers() -> None:
@@ -759,7 +796,8 @@ def test_a_replay_after_load_state_dict_continues_from_the_loaded_state() -> Non
 
 def test_bf16_batch_norm_keeps_float32_running_averages_and_evaluates_in_bf16() -> None:
     """The running averages are a layer's state, not the optimizer's: they stay float32 (as the master weights),
-    and the normalisation of an evaluation computes in the layers' dtype, as in training."""
+    and an evaluation returns the layers' dtype, its normalisation computed in float32 and rounded once (as torch's
+    kernels do), so it matches the same model all in bf16 to bf16's precision."""
     model = _model(torch.float32, batchnorm=True, dropout=0.1)
     step = FastStep(model, CrossEntropyLoss(), Adam(model.parameters(), lr=1e-3), dtype=BF16)
     batches = _bf16_batches(4)
@@ -776,7 +814,7 @@ def test_bf16_batch_norm_keeps_float32_running_averages_and_evaluates_in_bf16() 
     reference = _model(torch.float32, batchnorm=True, dropout=0.1).to(BF16)  # the same model, all in bf16
     reference.load_state_dict(model.state_dict())
     with torch.no_grad():
-        assert torch.equal(reference.eval()(batches[0][0]), output)
+        torch.testing.assert_close(reference.eval()(batches[0][0]), output, rtol=2 ** -6, atol=2 ** -8)
 
 
 def test_a_16_bit_model_and_float16_are_refused_in_one_line():

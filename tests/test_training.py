@@ -9,8 +9,8 @@ from collections import Counter
 import pytest
 import torch
 
-from nnbackprop import (GELU, BatchNorm1d, Dropout, Flatten, LeakyReLU, Linear, ReLU, Sequential,
-                        Sigmoid, Tanh)
+from nnbackprop import (GELU, AdaptiveAvgPool2d, AvgPool2d, BatchNorm1d, BatchNorm2d, Conv2d, Dropout, Flatten,
+                        LeakyReLU, Linear, MaxPool2d, ReLU, Sequential, Sigmoid, Tanh)
 from nnbackprop import functional as F
 from nnbackprop.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from nnbackprop.config import TrainConfig
@@ -268,11 +268,14 @@ def test_cuda_run_learns_and_resumes(tmp_path, fast):
 
 
 def _every_layer(outputs: int) -> Sequential:
-    """A model with every built-in layer (and a LeakyReLU slope and GELU form the old fast kernels refused)."""
+    """A model with every built-in layer (and a LeakyReLU slope and GELU form the old fast kernels refused): a small
+    convolutional front on the 1x6x6 images, then the dense layers."""
     g = torch.Generator().manual_seed(0)
-    widths = [(36, 16), (16, 16), (16, 16), (16, 16), (16, 16), (16, 16)]
+    widths = [(8, 16), (16, 16), (16, 16), (16, 16), (16, 16), (16, 16)]
     linear = [Linear(i, o, generator=g) for i, o in widths]
-    return Sequential(Flatten(), linear[0], BatchNorm1d(16), ReLU(), Dropout(0.1), linear[1], LeakyReLU(-0.3),
+    convs = [Conv2d(1, 4, 3, padding=1, generator=g), BatchNorm2d(4), ReLU(), Dropout(0.1), MaxPool2d(2),
+             Conv2d(4, 8, 3, padding=1, groups=2, generator=g), AvgPool2d(2, 1), AdaptiveAvgPool2d(1), Flatten()]
+    return Sequential(*convs, linear[0], BatchNorm1d(16), ReLU(), Dropout(0.1), linear[1], LeakyReLU(-0.3),
                       linear[2], Sigmoid(), linear[3], Tanh(), linear[4], GELU(), linear[5], GELU("tanh"),
                       Linear(16, outputs, generator=g))
 
@@ -296,8 +299,8 @@ def test_the_step_train_uses_runs_every_functional_pair(monkeypatch):
             monkeypatch.setattr(F, name, counted)
     for loss, classes in [("ce", 3), *LOSS_OF.values()]:
         assert _train_every_layer(loss, classes).summary["step"] == "FastStep"
-    assert PAIRS == ["batchnorm", "bce_with_logits", "cross_entropy", "dropout", "gelu", "leaky_relu", "linear", "mse",
-                     "relu", "sigmoid", "tanh"]
+    assert PAIRS == ["adaptive_avg_pool2d", "avg_pool2d", "batchnorm", "bce_with_logits", "conv2d", "cross_entropy",
+                     "dropout", "gelu", "leaky_relu", "linear", "max_pool2d", "mse", "relu", "sigmoid", "tanh"]
     not_run = [f"{pair}_{half}" for pair in PAIRS for half in ("forward", "backward") if not calls[f"{pair}_{half}"]]
     assert not not_run, f"train() never ran {not_run}"
 

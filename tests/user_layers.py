@@ -37,3 +37,21 @@ class Scale(Module):
         (x,) = self.saved_tensors
         self.gamma.accumulate((dout * x).sum(0))
         return dout * self.gamma
+
+
+class ChannelScale(Module):
+    """``out = x · γ_c`` per channel of images ``(N, C, H, W)``; ``dγ_c = Σ_{n,h,w} dout · x``, ``dx = dout · γ_c``."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.gamma = Parameter(torch.linspace(0.5, 1.5, channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x, ndim=4, channels=self.gamma.shape[0])
+        self.save_for_backward(x)
+        return x * self.gamma.view(-1, 1, 1)
+
+    def backward(self, dout: torch.Tensor) -> torch.Tensor:
+        (x,) = self.saved_tensors
+        self.gamma.accumulate((dout * x).sum((0, 2, 3)))
+        return dout * self.gamma.view(-1, 1, 1)
