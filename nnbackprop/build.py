@@ -19,7 +19,7 @@ from nnbackprop.errors import ConfigError, gist
 from nnbackprop.layers import Dropout
 from nnbackprop.layout import DTYPES, LOW_PRECISION
 from nnbackprop.losses import LOSSES, Loss
-from nnbackprop.model import mlp
+from nnbackprop.model import cnn, mlp
 from nnbackprop.module import Module
 from nnbackprop.optim import DEFAULT_LR, OPTIMIZERS, Optimizer
 from nnbackprop.schedule import make_scheduler
@@ -27,6 +27,8 @@ from nnbackprop.user_model import model_from_file
 
 EVAL_BATCH_SIZE = 1000
 """Examples per batch when evaluating (validation, test, ``nnbackprop evaluate``)."""
+DEFAULT_HIDDEN = (512, 512)
+"""An MLP's hidden widths when ``hidden`` is left open."""
 
 
 def dtypes(config: TrainConfig) -> tuple[torch.dtype, torch.dtype]:
@@ -69,11 +71,19 @@ def build_model(config: TrainConfig, input_shape: tuple[int, ...], num_classes: 
         elif config.model is not None:
             model = model_from_file(config.model, in_features=math.prod(input_shape), input_shape=tuple(input_shape),
                                     num_classes=outputs, generator=generator)
+        elif config.arch == "cnn":
+            check_memory(cnn_parameters(input_shape[0], config.channels, config.convs_per_stage, config.hidden or (),
+                                        outputs), config, device)
+            model = cnn(tuple(input_shape), config.channels, outputs, convs_per_stage=config.convs_per_stage,
+                        activation=config.activation, batchnorm=bool(config.batchnorm), dropout=config.dropout,
+                        hidden=config.hidden or (), init=config.init, generator=generator)
         else:
-            check_memory(mlp_parameters(math.prod(input_shape), config.hidden, outputs, config.batchnorm), config,
+            hidden = config.hidden if config.hidden is not None else DEFAULT_HIDDEN
+            check_memory(mlp_parameters(math.prod(input_shape), hidden, outputs, bool(config.batchnorm)), config,
                          device)
-            model = mlp(math.prod(input_shape), config.hidden, outputs, activation=config.activation,
-                        dropout=config.dropout, batchnorm=config.batchnorm, init=config.init, generator=generator)
+            model = mlp(math.prod(input_shape), hidden, outputs, activation=config.activation,
+                        dropout=config.dropout, batchnorm=bool(config.batchnorm), init=config.init,
+                        generator=generator)
         for m in model.modules():
             if isinstance(m, Dropout):
                 m.generator = dropout_generator
@@ -84,6 +94,17 @@ def build_model(config: TrainConfig, input_shape: tuple[int, ...], num_classes: 
         raise ConfigError(f"the model does not fit in memory ({gist(error)}); make it smaller") from error
     check_model_fits(model, input_shape, outputs, config.model or type(model).__name__)
     return model
+
+
+def cnn_parameters(in_channels: int, channels: tuple[int, ...], convs_per_stage: int, hidden: tuple[int, ...],
+                   outputs: int, kernel_size: int = 3) -> int:
+    """About the number of parameters of :func:`~nnbackprop.model.cnn` with these sizes (its convolutions and linear
+    layers, not its batch norms): enough to refuse what cannot fit in memory."""
+    convs, previous = 0, in_channels
+    for width in channels:
+        convs += previous * width * kernel_size**2 + (convs_per_stage - 1) * width * width * kernel_size**2
+        previous = width
+    return convs + mlp_parameters(previous, hidden, outputs, False)
 
 
 def mlp_parameters(in_features: int, hidden: tuple[int, ...], outputs: int, batchnorm: bool) -> int:
@@ -105,7 +126,7 @@ def check_memory(num_parameters: int, config: TrainConfig, device: torch.device 
     if needed > total:
         raise ConfigError(f"the model has {num_parameters:,} parameters, which with their gradients and optimizer "
                           f"state need about {needed / 2**30:.1f} GiB, more than the {total / 2**30:.1f} GiB of "
-                          f"{device}; use smaller --hidden widths")
+                          f"{device}; use smaller --{'channels' if config.arch == 'cnn' else 'hidden'} widths")
 
 
 def _out_of_memory(error: RuntimeError) -> bool:
@@ -164,7 +185,9 @@ def build_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps
 def resolved(config: TrainConfig, data: DataSplits, previous: TrainConfig | None = None) -> TrainConfig:
     """``config`` with the settings it leaves open (``None``) filled in: as the ``previous`` run had them (a run being
     resumed), else the augmentation that suits ``data`` (``data.augmentation``), the optimizer's usual learning rate
-    (:data:`~nnbackprop.optim.DEFAULT_LR`), and a warm-up of one epoch, or a tenth of a run shorter than ten."""
+    (:data:`~nnbackprop.optim.DEFAULT_LR`), a warm-up of one epoch (or a tenth of a run shorter than ten), and for
+    the architecture its hidden layers (:data:`DEFAULT_HIDDEN` for an MLP, none for a CNN) and batch norm (off for an
+    MLP, on for a CNN)."""
     if previous is not None:
         config = config.replace(**{name: getattr(previous, name) for name, value in config.to_dict().items()
                                    if value is None and getattr(previous, name) is not None})
@@ -174,6 +197,10 @@ def resolved(config: TrainConfig, data: DataSplits, previous: TrainConfig | None
         chosen["lr"] = DEFAULT_LR[config.optimizer]
     if config.warmup_epochs is None:
         chosen["warmup_epochs"] = min(1.0, config.epochs / 10)
+    if config.hidden is None:
+        chosen["hidden"] = DEFAULT_HIDDEN if config.arch == "mlp" else ()
+    if config.batchnorm is None:
+        chosen["batchnorm"] = config.arch == "cnn"
     return config.replace(**chosen) if chosen else config
 
 

@@ -93,6 +93,8 @@ MAX_EPOCHS = 100_000
 that never ends."""
 MAX_WIDTH = 65_536
 """The widest hidden layer: a 65,536 x 65,536 weight matrix alone is 16 GiB in float32."""
+MAX_STAGES = 16
+"""The most convolution stages, or convolutions per stage (each stage halves the image)."""
 MAX_LAYERS = 1_000
 MAX_BATCH_SIZE = 1_000_000
 MAX_LOG_EVERY = 1_000_000
@@ -154,11 +156,21 @@ class TrainConfig:
     # model
     model: str | None = setting(None, "model", "PATH.py:FUNCTION: train the model this function returns instead of "
                                 "the MLP below (see the README's custom layers)", _model_spec)
-    hidden: tuple[int, ...] = setting((512, 512), "model", "hidden layer widths, comma-separated",
-                                      each(at_least(1, maximum=MAX_WIDTH), at_most=MAX_LAYERS))
+    arch: str = setting("mlp", "model", "the model: mlp (hidden layers of --hidden widths) or cnn (stages of 3x3 "
+                        "convolutions of --channels widths, each stage ending in 2x2 max pooling, then global average "
+                        "pooling and the classifier)", one_of("mlp", "cnn"))
+    hidden: tuple[int, ...] | None = setting(None, "model", "widths of the hidden linear layers, comma-separated, none "
+                                             "for a linear classifier (default: 512,512 for mlp, none for cnn)",
+                                             each(at_least(1, maximum=MAX_WIDTH), at_most=MAX_LAYERS))
+    channels: tuple[int, ...] = setting((32, 64, 128), "model", "cnn: output channels of each stage",
+                                        each(at_least(1, maximum=MAX_WIDTH), at_most=MAX_STAGES))
+    convs_per_stage: int = setting(2, "model", "cnn: convolutions (each with batch norm and activation) per stage",
+                                   at_least(1, maximum=MAX_STAGES))
     activation: str = setting("relu", "model", "activation of the hidden layers", one_of(*ACTIVATIONS))
-    dropout: float = setting(0.2, "model", "dropout after each hidden layer", between(0, 1))
-    batchnorm: bool = setting(False, "model", "batch normalisation after each hidden linear layer")
+    dropout: float = setting(0.2, "model", "dropout after each hidden layer (mlp) or before each linear layer of the "
+                             "classifier (cnn)", between(0, 1))
+    batchnorm: bool | None = setting(None, "model", "batch normalisation after each hidden linear layer (mlp) or "
+                                     "convolution (cnn) (default: off for mlp, on for cnn)")
     init: str = setting("default", "model", "weight initialisation (default: as torch.nn.Linear)",
                         one_of(*SCHEMES))
     loss: str = setting("ce", "model", "ce: softmax cross-entropy; mse: squared error to one-hot targets; bce: one "

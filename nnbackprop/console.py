@@ -41,9 +41,13 @@ def describe_model(info: RunInfo) -> str:
     if c.model is not None:
         return f"{c.model} ({type(info.model).__name__} of {len(list(info.model.children()))} layers)"
     outputs = 1 if c.loss == "bce" else d.num_classes
+    extras = f"{f', dropout {c.dropout}' if c.dropout else ''}{', batchnorm' if c.batchnorm else ''}"
+    if c.arch == "cnn":
+        head = "-".join(str(w) for w in (*c.hidden, outputs))
+        return (f"CNN {'x'.join(map(str, d.input_shape))} stages {'-'.join(map(str, c.channels))} x "
+                f"{c.convs_per_stage} convs, classifier {head} ({c.activation}{extras})")
     widths = "-".join(str(w) for w in (math.prod(d.input_shape), *c.hidden, outputs))
-    return (f"MLP {widths} ({c.activation}{f', dropout {c.dropout}' if c.dropout else ''}"
-            f"{', batchnorm' if c.batchnorm else ''})")
+    return f"MLP {widths} ({c.activation}{extras})"
 
 
 def describe_optimizer(info: RunInfo) -> str:

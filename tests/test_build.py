@@ -71,3 +71,13 @@ def test_check_model_fits_runs_the_model_once_without_a_trace():
         check_model_fits(model, (1, 2, 2), 3, "net.py:build")
     with pytest.raises(ConfigError, match="has no parameters to train"):
         check_model_fits(Sequential(Flatten()), (1, 2, 2), 4, "Sequential")
+
+
+@pytest.mark.parametrize("arch, hidden, batchnorm", [("mlp", (512, 512), False), ("cnn", (), True)])
+def test_what_the_architecture_leaves_open_resolves_for_it(arch, hidden, batchnorm):
+    from nnbackprop.build import resolved
+    from test_training import toy_data
+
+    config = resolved(TrainConfig(arch=arch), toy_data())
+    assert config.hidden == hidden and config.batchnorm is batchnorm
+    assert resolved(TrainConfig(arch=arch, hidden=(7,), batchnorm=not batchnorm), toy_data()).hidden == (7,)

@@ -673,3 +673,23 @@ def test_starting_up_imports_no_heavy_optional_module(code):
     result = subprocess.run([sys.executable, "-c", probe], env=subprocess_env(), capture_output=True, text=True,
                             timeout=SUBPROCESS_TIMEOUT_S, cwd=ROOT)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
+def test_a_cnn_trains_resumes_evaluates_and_predicts_from_the_command_line(tmp_path, mnist_dir, capsys):
+    args = ["train", "--dataset", "mnist", "--data-dir", str(mnist_dir), "--arch", "cnn", "--channels", "4,8",
+            "--convs-per-stage", "1", "--out", str(tmp_path / "run"), *SMALL, "--hidden", "none"]
+    code, out, err = run(capsys, *args, "--epochs", "1")
+    assert code == 0, err
+    assert "model: CNN 1x28x28 stages 4-8 x 1 convs, classifier 10 (relu, dropout 0.2, batchnorm)" in out
+    assert ", FastStep" in out
+    code, out, err = run(capsys, *args, "--epochs", "2", "--resume")
+    assert code == 0 and "epoch 2/2" in out, err
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["config"]["arch"] == "cnn" and summary["config"]["batchnorm"] is True
+    assert summary["config"]["hidden"] == []
+    code, out, err = run(capsys, "evaluate", str(tmp_path / "run"))
+    assert code == 0 and f"accuracy {100 * summary['test_accuracy']:.2f}%" in out, err
+    image = tmp_path / "digit.png"
+    Image.new("L", (28, 28)).save(image)
+    code, out, err = run(capsys, "predict", str(tmp_path / "run"), str(image))
+    assert code == 0 and out.startswith(f"{image}: "), err
