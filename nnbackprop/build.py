@@ -192,7 +192,8 @@ def resolved(config: TrainConfig, data: DataSplits, previous: TrainConfig | None
         config = config.replace(**{name: getattr(previous, name) for name, value in config.to_dict().items()
                                    if value is None and getattr(previous, name) is not None})
     chosen: dict[str, Any] = {name: data.augmentation.get(name, default)
-                              for name, default in (("shift", 0), ("flip", False)) if getattr(config, name) is None}
+                              for name, default in (("shift", 0), ("flip", False), ("crop_scale", 1.0))
+                              if getattr(config, name) is None}
     if config.lr is None:
         chosen["lr"] = DEFAULT_LR[config.optimizer]
     if config.warmup_epochs is None:

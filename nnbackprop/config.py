@@ -203,6 +203,10 @@ class TrainConfig:
     shift: int | None = setting(None, "optimisation", "augmentation: random shifts of up to this many pixels "
                                 "(default: what suits the data set: 1 for MNIST, 2 for CIFAR-10 cats and dogs, "
                                 "else 0)", at_least(0, maximum=MAX_IMAGE_SIZE))
+    crop_scale: float | None = setting(None, "optimisation", "augmentation: random crops keeping at least this share "
+                                       "of an image's area (aspect ratios 3/4 to 4/3), stretched back to its size, "
+                                       "instead of shifts; 1 for none (default: what suits the data set)",
+                                       between(0.05, 1, high_open=False))
     flip: bool | None = setting(None, "optimisation", "augmentation: random horizontal flips (default: what suits "
                                 "the data set: on for CIFAR-10 cats and dogs, else off)")
     # run

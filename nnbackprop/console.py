@@ -58,8 +58,9 @@ def describe_optimizer(info: RunInfo) -> str:
         rule = f"{'Adam' if c.optimizer == 'adam' else 'AdamW'} lr {c.lr:g} betas {c.betas[0]:g},{c.betas[1]:g}"
     plural = "" if c.warmup_epochs == 1 else "s"
     warmup = f" after {c.warmup_epochs:g} warm-up epoch{plural}" if c.warmup_epochs else ""
-    augment = ", augmentation: " + " and ".join([f"shifts of up to {c.shift} px"] * bool(c.shift) +
-                                                ["flips"] * c.flip) if c.shift or c.flip else ""
+    kinds = ([f"crops of {c.crop_scale:g}-1 of the area"] if c.crop_scale < 1 else
+             [f"shifts of up to {c.shift} px"] * bool(c.shift)) + ["flips"] * c.flip
+    augment = ", augmentation: " + " and ".join(kinds) if kinds else ""
     return (f"{rule} weight decay {c.weight_decay:g}, {c.schedule} schedule{warmup}; batch {c.batch_size}, "
             f"{info.steps_per_epoch} steps/epoch{augment}")
 

@@ -347,8 +347,9 @@ def train_epoch(run: Run, epoch: int) -> tuple[float, float, float]:
     lr = run.scheduler.get_last_lr()[0]
     try:
         for i, (x, y) in enumerate(loader, start=1):
-            if config.shift or config.flip:
-                x = augment_batch(x, shift=config.shift, flip=config.flip, generator=run.generator)
+            if config.shift or config.flip or config.crop_scale < 1:
+                x = augment_batch(x, shift=config.shift, flip=config.flip, crop_scale=config.crop_scale,
+                                  generator=run.generator)
             lr = run.scheduler.get_last_lr()[0]
             if diagnostics is not None and diagnostics.due(i, config.log_every, num_steps):
                 diagnostics.arm()
