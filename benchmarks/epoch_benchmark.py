@@ -29,7 +29,7 @@ import torch
 
 import nnbackprop as nb
 from internals import (Diagnostics, DistContext, Run, build_loss, build_model, build_optimizer, build_scheduler,
-                       train_epoch)
+                       resolved, train_epoch)
 from nnbackprop.datasets import load_dataset
 from nnbackprop.loaders import make_loader
 from report import (Column, HelpFormatter, Table, add_device_options, describe_machine, device_from, format_time, key,
@@ -157,6 +157,7 @@ with stop_on_signals():
         try:
             print(f"loading {config.dataset} ...", flush=True)
             data = load_dataset(config.dataset, data_dir=config.data_dir, val_size=config.val_size, seed=0)
+            config = resolved(config, data)  # what train() runs: the settings left open filled in for the data
             full = make_loader(data.train, config.batch_size, mean=data.mean, std=data.std, device=device,
                                shuffle=True, seed=0)
             loader = FirstBatches(full, args.max_steps)
