@@ -62,6 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if dist.distributed and dist.is_main:
             print(f"data-parallel: {dist.world_size} processes ({dist.backend}), global batch {config.batch_size}")
         result = train(config, out_dir=out, resume=args.resume, overwrite=args.overwrite, callback=logger, dist=dist)
+        cleanup(wait=True)
     finally:
         logger.close()
         cleanup()

@@ -1,6 +1,10 @@
-"""Which device a run uses: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, checked against what this machine has."""
+"""Where a run computes: the device (``auto``, ``cpu``, ``cuda`` or ``cuda:N``, checked against what this machine
+has) and torch's CPU threads."""
 
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 
@@ -23,3 +27,17 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ConfigError(f"device {name!r} does not exist: {torch.cuda.device_count()} CUDA device(s) visible")
     return device
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's CPU threads set to ``threads`` (``None``: left as they are) for the ``with`` block."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

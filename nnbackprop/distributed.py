@@ -159,9 +159,14 @@ def init_distributed(device_arg: str = "auto", timeout_s: float = DEFAULT_TIMEOU
     return DistContext(rank, world_size, local_rank, device, backend, timeout_s)
 
 
-def cleanup() -> None:
-    """Leave the process group, if one was initialised; safe to call more than once."""
+def cleanup(wait: bool = False) -> None:
+    """Leave the process group, if one was initialised; safe to call more than once.
+
+    With ``wait`` (when this rank has finished its work) the ranks first wait for each other: gloo aborts a process
+    ("terminate called without an active exception") that tears down its group while a peer's is already gone."""
     if dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -236,6 +241,14 @@ def broadcast_module(ctx: DistContext, model: Module, src: int = 0) -> None:
     with _collective(ctx, f"broadcasting the model from rank {src}"):
         for t in tensors:
             dist.broadcast(t, src)
+
+
+def eval_shard(split: Any, ctx: DistContext) -> Any:
+    """Rank ``r``'s examples ``r, r + R, r + 2R, …`` of an evaluation split (all of them for a single process), so the
+    ranks together see every example exactly once."""
+    if ctx.world_size == 1:
+        return split
+    return split.subset(torch.arange(ctx.rank, len(split), ctx.world_size))
 
 
 def local_batch_size(global_batch: int, world_size: int) -> int:

@@ -56,6 +56,10 @@ class MissingExtraError(NNBackpropError, ModuleNotFoundError):
     """An optional dependency (matplotlib, tensorboard, onnx) is needed and not installed; the message says how to."""
 
 
+class ReferenceForwardError(NNBackpropError, ValueError):
+    """The gradient checker cannot differentiate a module's forward with autograd: write its ``reference_forward``."""
+
+
 class BackwardError(NNBackpropError, RuntimeError):
     """A layer's backward broke the module contract: it left a parameter without a gradient, or assigned one instead
     of accumulating it; the message names the parameter and the call to make."""

@@ -51,14 +51,10 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from nnbackprop.errors import gist
+from nnbackprop.errors import ReferenceForwardError, gist
 
 HIDDEN_FROM_AUTOGRAD = ".data, .detach(), .item(), NumPy, in-place ops on the input"
 """What in a forward keeps autograd from following it (named in :class:`ReferenceForwardError`)."""
-
-
-class ReferenceForwardError(ValueError):
-    """The gradient checker cannot differentiate a module's forward with autograd: write its ``reference_forward``."""
 
 
 class Parameter(torch.nn.Parameter):

@@ -35,7 +35,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -49,9 +49,9 @@ from nnbackprop.checkpoint import (CHECKPOINT_FILE, check_same_run, checkpoint_t
                                    model_source, restore, save_checkpoint, saved_config)
 from nnbackprop.config import TrainConfig, to_toml
 from nnbackprop.datasets import DataSplits, load_dataset
-from nnbackprop.device import resolve_device
+from nnbackprop.device import resolve_device, torch_threads
 from nnbackprop.diagnostics import LAYERS_FILE, Diagnostics, read_layer_records, write_layer_records
-from nnbackprop.distributed import (DistContext, all_reduce_mean_hook, broadcast_module, gather_objects,
+from nnbackprop.distributed import (DistContext, all_reduce_mean_hook, broadcast_module, eval_shard, gather_objects,
                                     local_batch_size, rank_seed, reduce_metrics)
 from nnbackprop.errors import ConfigError, NonFiniteLossError, OutputExistsError
 from nnbackprop.evaluation import evaluate
@@ -165,168 +165,142 @@ def train(config: TrainConfig, model: Module | None = None, data: DataSplits | N
         ``overwrite`` is set), WriteError (a file cannot be written; OutputLockedError: another run writes to the
         output folder), DatasetNotFoundError, NonFiniteLossError (the training diverged).
     """
-    with contextlib.ExitStack() as held, _threads(config.threads):
-        return _train(config, model, data, out_dir=out_dir, resume=resume, overwrite=overwrite, callback=callback,
-                      dist=dist, held=held)
+    with contextlib.ExitStack() as held:  # what the run holds until it returns: its threads, its folder's lock
+        held.enter_context(torch_threads(config.threads))
+        started = time.perf_counter()
+        if resume and overwrite:
+            raise ConfigError("resume continues the run in the output folder and overwrite starts it afresh: choose "
+                              "one")
+        dist = dist or DistContext()
+        device = dist.device if dist.distributed else resolve_device(config.device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # cuda:N: the step's streams, graphs and allocations on it
+        local_batch_size(config.batch_size, dist.world_size)
+        out = Path(out_dir) if out_dir is not None else Path(config.out) if config.out is not None else None
+        checkpoint_path = out / CHECKPOINT_FILE if out is not None else None
+        writes = out is not None and dist.is_main
+        callbacks = [] if callback is None else [callback] if isinstance(callback, TrainCallback) else list(callback)
+        if config.tensorboard and dist.is_main:
+            if out is None:
+                raise ConfigError("tensorboard needs an output folder (--out) to write its logs into")
+            from nnbackprop.tensorboard import TensorBoardLogger  # an optional extra: imported only when asked for
 
-
-@contextlib.contextmanager
-def _threads(threads: int | None) -> Iterator[None]:
-    """torch's CPU threads set to ``threads`` (``None``: left as they are) for the ``with`` block."""
-    if threads is None:
-        yield
-        return
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def _train(config: TrainConfig, model: Module | None, data: DataSplits | None, *, out_dir: str | Path | None,
-           resume: bool, overwrite: bool, callback: TrainCallback | Sequence[TrainCallback] | None,
-           dist: DistContext | None, held: contextlib.ExitStack) -> TrainResult:
-    """:func:`train`; the output folder's lock goes into ``held``, which :func:`train` releases when it returns."""
-    started = time.perf_counter()
-    if resume and overwrite:
-        raise ConfigError("resume continues the run in the output folder and overwrite starts it afresh: choose one")
-    dist = dist or DistContext()
-    device = dist.device if dist.distributed else resolve_device(config.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # cuda:N: the step's streams, graphs and allocations on it
-    local_batch_size(config.batch_size, dist.world_size)
-    out = Path(out_dir) if out_dir is not None else Path(config.out) if config.out is not None else None
-    checkpoint_path = out / CHECKPOINT_FILE if out is not None else None
-    writes = out is not None and dist.is_main
-    callbacks = [] if callback is None else [callback] if isinstance(callback, TrainCallback) else list(callback)
-    if config.tensorboard and dist.is_main:
-        if out is None:
-            raise ConfigError("tensorboard needs an output folder (--out) to write its logs into")
-        from nnbackprop.tensorboard import TensorBoardLogger  # an optional extra: imported only when asked for
-
-        callbacks.append(TensorBoardLogger(out))
-    callback = Callbacks(callbacks) if dist.is_main else TrainCallback()
-    if writes:
-        held.enter_context(lock_output_dir(out))  # creates the folder, proves it writable, holds it for this run
-        remove_stale_temp_files(out, RUN_FILES)
-    saved = checkpoint_to_resume(checkpoint_path, device, dist.world_size) if resume else None
-    if not resume and checkpoint_path is not None and checkpoint_path.exists() and not overwrite:
-        raise OutputExistsError(f"{checkpoint_path} already exists: resume that run (--resume), start over "
-                                "(--overwrite), or write to another directory (--out)")
-    if data is None:
-        data = load_dataset(config.dataset, config.data_dir, config.download, config.val_size, config.seed,
-                            config.image_size, grayscale=config.grayscale)
-    config = resolved(config, data, saved_config(saved, checkpoint_path) if saved is not None else None)
-    if saved is not None:
-        check_same_run(saved, checkpoint_path, config, data.info())
-    check_fits(config, data)
-    if writes and not resume:
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-
-    torch.manual_seed(config.seed)
-    compute_dtype, _ = dtypes(config)
-    # Dropout masks and augmentation: a stream of their own per rank (rank 0's is a single process's).
-    generator = torch.Generator(device).manual_seed(rank_seed(config.seed + 1, dist.rank))
-    passed = model
-    model = build_model(config, data.input_shape, data.num_classes, device, generator, model=passed)
-    broadcast_module(dist, model)
-    loss_fn = build_loss(config)
-    optimizer = build_optimizer(config, model)
-    batches = dict(mean=data.mean, std=data.std, device=device, dtype=compute_dtype)
-    train_loader = make_loader(data.train, config.batch_size, shuffle=True, seed=config.seed, rank=dist.rank,
-                               world_size=dist.world_size, drop_last=len(data.train) % config.batch_size == 1,
-                               **batches)
-    val_loader = make_loader(_shard(data.val, dist), EVAL_BATCH_SIZE, **batches) if len(data.val) else None
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
-        raise ConfigError(f"the training split of {data.name} is empty")
-    scheduler = build_scheduler(config, optimizer, steps_per_epoch)
-    early = EarlyStopping(config.patience)
-    history: list[EpochMetrics] = []
-    elapsed_before = 0.0
-    if saved is not None:
-        history, elapsed_before = restore(saved, checkpoint_path, model=model, optimizer=optimizer,
-                                          scheduler=scheduler, early_stopping=early, generator=generator,
-                                          rank=dist.rank)
+            callbacks.append(TensorBoardLogger(out))
+        callback = Callbacks(callbacks) if dist.is_main else TrainCallback()
         if writes:
-            write_metrics(out, history)
-    step = make_step(model, loss_fn, optimizer, fast=config.fast, grad_hook=all_reduce_mean_hook(dist),
-                     dtype=compute_dtype, tf32=config.tf32, cuda_graph=config.cuda_graph)
-    reduce = functools.partial(reduce_metrics, dist) if dist.distributed else None
-    num_parameters = sum(p.numel() for p in model.parameters())
-    diagnostics = None if config.diagnostics == "off" else Diagnostics(model, optimizer, config.diagnostics,
-                                                                       callback.wants_activations)
-    records = read_layer_records(out / LAYERS_FILE, up_to_epoch=len(history)) if saved is not None and out else []
-    if writes:
-        write_text(out / CONFIG_FILE, to_toml(config))
-    run = Run(config, step, loss_fn, train_loader, scheduler, generator, callback, dist, diagnostics, records,
-              checkpoint_path, len(history))
+            held.enter_context(lock_output_dir(out))  # creates the folder, proves it writable, holds it for this run
+            remove_stale_temp_files(out, RUN_FILES)
+        saved = checkpoint_to_resume(checkpoint_path, device, dist.world_size) if resume else None
+        if not resume and checkpoint_path is not None and checkpoint_path.exists() and not overwrite:
+            raise OutputExistsError(f"{checkpoint_path} already exists: resume that run (--resume), start over "
+                                    "(--overwrite), or write to another directory (--out)")
+        if data is None:
+            data = load_dataset(config.dataset, config.data_dir, config.download, config.val_size, config.seed,
+                                config.image_size, grayscale=config.grayscale)
+        config = resolved(config, data, saved_config(saved, checkpoint_path) if saved is not None else None)
+        if saved is not None:
+            check_same_run(saved, checkpoint_path, config, data.info())
+        check_fits(config, data)
+        if writes and not resume:
+            for name in RUN_FILES:
+                (out / name).unlink(missing_ok=True)
 
-    callback.on_train_begin(RunInfo(config, data, model, num_parameters, device, type(step).__name__,
-                                    step.fallback_reason, steps_per_epoch, len(history), out, diagnostics))
-    for epoch in range(len(history) + 1, config.epochs + 1):
-        if early.should_stop:
-            break
-        epoch_start = time.perf_counter()
-        loss, accuracy, lr = train_epoch(run, epoch)
-        train_seconds = time.perf_counter() - epoch_start
-        if not all(bool(p.isfinite().all()) for p in model.parameters()):
-            raise NonFiniteLossError("the weights", epoch, steps_per_epoch, steps_per_epoch, steps_per_epoch,
-                                     checkpoint_path, len(history))
-        val_loss = val_accuracy = None
-        broadcast_module(dist, model)  # batch-norm running averages are per rank: take rank 0's
-        if val_loader is not None:
-            val = evaluate(model, loss_fn, val_loader, reduce=reduce)
-            val_loss, val_accuracy = val.loss, val.accuracy
-            if not math.isfinite(val_loss):
-                raise NonFiniteLossError("the validation loss", epoch, steps_per_epoch, steps_per_epoch,
-                                         steps_per_epoch, checkpoint_path, len(history))
-            early.update(epoch, val_loss, step.model_state_dict)
-        history.append(EpochMetrics(epoch, loss, accuracy, val_loss, val_accuracy, lr,
-                                    time.perf_counter() - epoch_start,
-                                    train_loader.num_samples * dist.world_size / train_seconds))
-        run.epochs_done = len(history)
-        generators = gather_objects(dist, generator.get_state()) if out is not None else []
+        torch.manual_seed(config.seed)
+        compute_dtype, _ = dtypes(config)
+        # Dropout masks and augmentation: a stream of their own per rank (rank 0's is a single process's).
+        generator = torch.Generator(device).manual_seed(rank_seed(config.seed + 1, dist.rank))
+        passed = model
+        model = build_model(config, data.input_shape, data.num_classes, device, generator, model=passed)
+        broadcast_module(dist, model)
+        loss_fn = build_loss(config)
+        optimizer = build_optimizer(config, model)
+        batches = dict(mean=data.mean, std=data.std, device=device, dtype=compute_dtype)
+        train_loader = make_loader(data.train, config.batch_size, shuffle=True, seed=config.seed, rank=dist.rank,
+                                   world_size=dist.world_size, drop_last=len(data.train) % config.batch_size == 1,
+                                   **batches)
+        val_loader = make_loader(eval_shard(data.val, dist), EVAL_BATCH_SIZE, **batches) if len(data.val) else None
+        steps_per_epoch = len(train_loader)
+        if steps_per_epoch == 0:
+            raise ConfigError(f"the training split of {data.name} is empty")
+        scheduler = build_scheduler(config, optimizer, steps_per_epoch)
+        early = EarlyStopping(config.patience)
+        history: list[EpochMetrics] = []
+        elapsed_before = 0.0
+        if saved is not None:
+            history, elapsed_before = restore(saved, checkpoint_path, model=model, optimizer=optimizer,
+                                              scheduler=scheduler, early_stopping=early, generator=generator,
+                                              rank=dist.rank)
+            if writes:
+                write_metrics(out, history)
+        step = make_step(model, loss_fn, optimizer, fast=config.fast, grad_hook=all_reduce_mean_hook(dist),
+                         dtype=compute_dtype, tf32=config.tf32, cuda_graph=config.cuda_graph)
+        reduce = functools.partial(reduce_metrics, dist) if dist.distributed else None
+        num_parameters = sum(p.numel() for p in model.parameters())
+        diagnostics = None if config.diagnostics == "off" else Diagnostics(model, optimizer, config.diagnostics,
+                                                                           callback.wants_activations)
+        records = read_layer_records(out / LAYERS_FILE, up_to_epoch=len(history)) if saved is not None and out else []
         if writes:
-            save_checkpoint(checkpoint_path, make_checkpoint(
-                config=config, data=data.info(), model=step.model_state_dict(), best_model=early.best_state,
-                optimizer=optimizer, scheduler=scheduler, early_stopping=early, generators=generators,
-                history=history, run={"device": device.type, "world_size": dist.world_size,
-                                      "elapsed_s": elapsed_before + time.perf_counter() - started,
-                                      "model": model_source(config, passed)}))
-            write_metrics(out, history)
-            if diagnostics is not None:
-                write_layer_records(out, records)
-        callback.on_epoch_end(history[-1])
+            write_text(out / CONFIG_FILE, to_toml(config))
+        run = Run(config, step, loss_fn, train_loader, scheduler, generator, callback, dist, diagnostics, records,
+                  checkpoint_path, len(history))
 
-    if early.best_state is not None:
-        step.load_model_state_dict(early.best_state)
-    test = evaluate(model, loss_fn, make_loader(_shard(data.test, dist), EVAL_BATCH_SIZE, **batches), reduce=reduce)
-    wall_time = elapsed_before + time.perf_counter() - started
-    stopped_early = early.should_stop and len(history) < config.epochs
-    summary = {
-        "test_loss": test.loss, "test_accuracy": test.accuracy, "best_epoch": early.best_epoch,
-        "epochs_trained": len(history), "stopped_early": stopped_early,
-        "best_val_loss": early.best_loss if early.best_epoch is not None else None, "wall_time_s": wall_time,
-        "step": type(step).__name__, "device": str(device), "world_size": dist.world_size,
-        "threads": torch.get_num_threads(), "num_parameters": num_parameters, "torch": str(torch.__version__),
-        "model": model_source(config, passed), "data": data.info(), "config": config.to_dict(),
-    }
-    if writes:
-        write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
-    result = TrainResult(model, history, early.best_epoch, stopped_early, test.loss, test.accuracy, wall_time, summary)
-    callback.on_train_end(result)
-    return result
+        callback.on_train_begin(RunInfo(config, data, model, num_parameters, device, type(step).__name__,
+                                        step.fallback_reason, steps_per_epoch, len(history), out, diagnostics))
+        for epoch in range(len(history) + 1, config.epochs + 1):
+            if early.should_stop:
+                break
+            epoch_start = time.perf_counter()
+            loss, accuracy, lr = train_epoch(run, epoch)
+            train_seconds = time.perf_counter() - epoch_start
+            if not all(bool(p.isfinite().all()) for p in model.parameters()):
+                raise NonFiniteLossError("the weights", epoch, steps_per_epoch, steps_per_epoch, steps_per_epoch,
+                                         checkpoint_path, len(history))
+            val_loss = val_accuracy = None
+            broadcast_module(dist, model)  # batch-norm running averages are per rank: take rank 0's
+            if val_loader is not None:
+                val = evaluate(model, loss_fn, val_loader, reduce=reduce)
+                val_loss, val_accuracy = val.loss, val.accuracy
+                if not math.isfinite(val_loss):
+                    raise NonFiniteLossError("the validation loss", epoch, steps_per_epoch, steps_per_epoch,
+                                             steps_per_epoch, checkpoint_path, len(history))
+                early.update(epoch, val_loss, step.model_state_dict)
+            history.append(EpochMetrics(epoch, loss, accuracy, val_loss, val_accuracy, lr,
+                                        time.perf_counter() - epoch_start,
+                                        train_loader.num_samples * dist.world_size / train_seconds))
+            run.epochs_done = len(history)
+            generators = gather_objects(dist, generator.get_state()) if out is not None else []
+            if writes:
+                save_checkpoint(checkpoint_path, make_checkpoint(
+                    config=config, data=data.info(), model=step.model_state_dict(), best_model=early.best_state,
+                    optimizer=optimizer, scheduler=scheduler, early_stopping=early, generators=generators,
+                    history=history, run={"device": device.type, "world_size": dist.world_size,
+                                          "elapsed_s": elapsed_before + time.perf_counter() - started,
+                                          "model": model_source(config, passed)}))
+                write_metrics(out, history)
+                if diagnostics is not None:
+                    write_layer_records(out, records)
+            callback.on_epoch_end(history[-1])
 
-
-def _shard(split: Any, dist: DistContext) -> Any:
-    """Rank ``r``'s examples ``r, r + R, r + 2R, …`` of an evaluation split (all of them for a single process), so the
-    ranks together see every example exactly once."""
-    if dist.world_size == 1:
-        return split
-    return split.subset(torch.arange(dist.rank, len(split), dist.world_size))
+        if early.best_state is not None:
+            step.load_model_state_dict(early.best_state)
+        test_loader = make_loader(eval_shard(data.test, dist), EVAL_BATCH_SIZE, **batches)
+        test = evaluate(model, loss_fn, test_loader, reduce=reduce)
+        wall_time = elapsed_before + time.perf_counter() - started
+        stopped_early = early.should_stop and len(history) < config.epochs
+        summary = {
+            "test_loss": test.loss, "test_accuracy": test.accuracy, "best_epoch": early.best_epoch,
+            "epochs_trained": len(history), "stopped_early": stopped_early,
+            "best_val_loss": early.best_loss if early.best_epoch is not None else None, "wall_time_s": wall_time,
+            "step": type(step).__name__, "device": str(device), "world_size": dist.world_size,
+            "threads": torch.get_num_threads(), "num_parameters": num_parameters, "torch": str(torch.__version__),
+            "model": model_source(config, passed), "data": data.info(), "config": config.to_dict(),
+        }
+        if writes:
+            write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        result = TrainResult(model, history, early.best_epoch, stopped_early, test.loss, test.accuracy, wall_time,
+                             summary)
+        callback.on_train_end(result)
+        return result
 
 
 def train_epoch(run: Run, epoch: int) -> tuple[float, float, float]:

@@ -118,6 +118,7 @@ def worker(mode: str, out_dir: Path, launched: int, launched_at: float) -> None:
             torch.set_num_threads(1)
             torch.save({str(dtype): train(ctx, dtype, model_seed=rank) for dtype in (torch.float64, torch.float32)},
                        out_dir / f"rank{rank}.pt")
+            cleanup(wait=True)
         finally:
             cleanup()
         return
