@@ -9,7 +9,7 @@ one process.
   it could not run;
 * **floor**: only the matrix products the step needs, with the same shapes, found from the model's layers
   (:data:`FLOOR_PRODUCTS`; per ``Linear``: the forward ``addmm``, ``dW = doutᵀ x`` and, except for the first layer with
-  parameters, whose input is data, ``dx = dout W``);
+  parameters, whose input is data, ``dx = dout W``; per ``Conv2d`` the forward convolution and its ``dW``, ``dx``);
 * **floor+update**: the floor, then the least memory traffic of the SGD-momentum update: one fused pass
   (``torch.optim.SGD(fused=True)``, else ``foreach=True``) over one flat parameter, gradient and momentum tensor the
   size of the model. ``ours/(floor+update)`` isolates what the step adds beyond that work.
@@ -76,6 +76,24 @@ def mlp_model(spec: str) -> BenchModel:
                       lambda generator: nb.mlp(sizes[0], sizes[1:-1], sizes[-1], flatten=False, generator=generator))
 
 
+def cnn_model(spec: str) -> BenchModel:
+    """The network of :func:`nnbackprop.cnn` (two 3x3 convolutions per stage, batch norm, ReLU, max pooling; global
+    average pooling and the classifier) named ``"cnn:3,64,64:32-64-128-256:2"`` (input shape, stage channels,
+    classes)."""
+    try:
+        _, shape, channels, classes = spec.split(":")
+        input_shape = tuple(int(s) for s in shape.split(","))
+        widths = tuple(int(s) for s in channels.split("-"))
+        num_classes = int(classes)
+        ok = len(input_shape) == 3 and min(input_shape + widths + (num_classes,)) > 0
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"model '{spec}': a CNN is cnn:C,H,W:CHANNELS:CLASSES, e.g. cnn:3,64,64:32-64-128-256:2")
+    return BenchModel(spec, input_shape, num_classes,
+                      lambda generator: nb.cnn(input_shape, widths, num_classes, generator=generator))
+
+
 def file_model(spec: str, input_shape: Sequence[int], num_classes: int) -> BenchModel:
     """The model ``FILE.py:FUNCTION`` returns, called as ``nnbackprop train --model`` calls it: with those of
     ``in_features``, ``input_shape``, ``num_classes`` and ``generator`` it declares."""
@@ -101,7 +119,7 @@ def file_model(spec: str, input_shape: Sequence[int], num_classes: int) -> Bench
 
 def resolve_model(spec: str, input_shape: Sequence[int], num_classes: int) -> BenchModel:
     """The model ``spec`` names: ``FILE.py:FUNCTION`` (built for ``input_shape`` and ``num_classes``) or an MLP's layer
-    sizes (which fix both). Another kind of model (the CNN to come) is one more function returning a
+    sizes, or ``cnn:C,H,W:CHANNELS:CLASSES`` (which fix both). Another kind of model is one more function returning a
     :class:`BenchModel`, chosen here by its spec.
 
     Raises:
@@ -109,6 +127,8 @@ def resolve_model(spec: str, input_shape: Sequence[int], num_classes: int) -> Be
     """
     if ".py:" in spec:
         return file_model(spec, input_shape, num_classes)
+    if spec.startswith("cnn:"):
+        return cnn_model(spec)
     return mlp_model(spec)
 
 
@@ -162,10 +182,32 @@ def linear_products(layer: nb.Linear, x_shape: torch.Size, needs_dx: bool,
     return forward, backward
 
 
+def conv2d_products(layer: nb.Conv2d, x_shape: torch.Size, needs_dx: bool,
+                    rand: Callable[..., Tensor]) -> Products:
+    """The forward convolution (cuDNN/oneDNN through ``torch.nn.functional.conv2d``), then ``dW`` and, when the
+    layer's input gradient is needed, ``dx`` in one ``convolution_backward``, as torch's own backward computes them."""
+    padding = layer.padding
+    if isinstance(padding, str):  # "valid" or "same" (stride 1): the zeros each side that keep the size
+        padding = tuple(0 if padding == "valid" else d * (k - 1) // 2
+                        for k, d in zip(layer.kernel_size, layer.dilation))
+    x, w = rand(*x_shape), rand(*layer.weight.shape)
+    b = rand(layer.out_channels) if layer.bias is not None else None
+    out_shape = torch.nn.functional.conv2d(x[:1], w, None, layer.stride, padding, layer.dilation, layer.groups).shape
+    dout = rand(x_shape[0], *out_shape[1:])
+
+    def forward() -> None:
+        torch.nn.functional.conv2d(x, w, b, layer.stride, padding, layer.dilation, layer.groups)
+
+    def backward() -> None:
+        torch.ops.aten.convolution_backward(dout, x, w, None, layer.stride, padding, layer.dilation, False, [0, 0],
+                                            layer.groups, [needs_dx, True, False])
+
+    return forward, backward
+
+
 FLOOR_PRODUCTS: dict[type, Callable[[Any, torch.Size, bool, Callable[..., Tensor]], Products]] = {
     nb.Linear: linear_products,
-    # Conv2d: its products here once the layer exists: the forward convolution, dW (torch.nn.grad.conv2d_weight) and,
-    # when needed, dx (torch.nn.grad.conv2d_input), on tensors of the shapes the layer saw.
+    nb.Conv2d: conv2d_products,
 }
 """The layer types whose matrix products make the floor, each with the function that preallocates and runs them given
 the layer, the shape of its input and whether its input gradient is computed."""

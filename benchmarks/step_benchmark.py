@@ -43,7 +43,7 @@ COLUMNS_HELP = """\
 columns (each time is "median ±N%": the median milliseconds per step over --steps timed steps, and N half their
 interquartile range as a percentage of the median, so the middle half of the steps lies within about median ±N%;
 a row where the interquartile range exceeds 10% of the median gets a warning line naming it below the table):
-  model             an MLP's layer sizes, or FILE.py:FUNCTION
+  model             an MLP's layer sizes, cnn:C,H,W:CHANNELS:CLASSES, or FILE.py:FUNCTION
   batch, dtype      examples per step; parameter and data type (dtype shown when there are several)
   ours ms           the step nnbackprop.train takes: FastStep (buffers, flat parameters), or SimpleStep when the
                     fast layout cannot hold the model (said above the table)
@@ -54,7 +54,8 @@ a row where the interquartile range exceeds 10% of the median gets a warning lin
   compiled ms       the eager step (default optimizer) under torch.compile; "compile s": its compile time, apart
   floor ms          only the step's matrix products, with the same shapes, nothing else: per Linear the forward
                     addmm (x Wᵀ + b), dW = doutᵀ x and dx = dout W (none for the first layer with parameters, whose
-                    input is data); other layers with parameters are named above the table as left out
+                    input is data; per Conv2d the forward convolution and its dW, dx); other layers with parameters
+                    are named above the table as left out
   floor+upd ms      the floor, then one fused SGD-momentum update (torch.optim.SGD(fused=True), else foreach) over
                     one flat parameter, gradient and momentum tensor the size of the model: the least memory
                     traffic an update can have
@@ -69,8 +70,9 @@ parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=CO
                                  formatter_class=HelpFormatter)
 parser.add_argument("--models", "--model", nargs="+", default=MODELS, metavar="SPEC",
                     help="models to time: an MLP's layer sizes joined by '-' (input-hidden...-classes, ReLU, no "
-                         "dropout), or FILE.py:FUNCTION, a function returning an nnbackprop model, called as "
-                         "'nnbackprop train --model' calls it")
+                         "dropout), cnn:C,H,W:CHANNELS:CLASSES (nnbackprop.cnn, e.g. cnn:3,64,64:32-64-128-256:2), or "
+                         "FILE.py:FUNCTION, a function returning an nnbackprop model, called as 'nnbackprop train "
+                         "--model' calls it")
 parser.add_argument("--input-shape", type=shape_arg, default=INPUT_SHAPE, metavar="C,H,W",
                     help="shape of one input example of FILE.py:FUNCTION models; an MLP spec fixes its own")
 parser.add_argument("--num-classes", type=positive, default=NUM_CLASSES,

@@ -198,7 +198,7 @@ CHECKS: list[Check] = [
           _judge_torchrun, 120, lambda ctx: "needs Fashion-MNIST: pass --data-dir DIR"),
     Check("step-benchmark", _needs("benchmarks/step_benchmark.py", lambda ctx: [
         ctx.python, "benchmarks/step_benchmark.py", "--device", "cuda", "--models", "784-512-512-10",
-        "--batch-sizes", "128", "2048", "--steps", "30", "--no-compile", "--cuda-variants",
+        "--batch-sizes", "128", "2048", "--steps", "30", "--no-compile",
         "--out", str(ctx.scratch / "step_benchmark.json")]),
           _judge_benchmark, 150, lambda ctx: "needs the checkout's benchmarks/"),
     Check("gradcheck", lambda ctx: _module(ctx, "gradcheck", "--device", "cuda"), _judge_gradcheck, 120),

@@ -290,6 +290,35 @@ def test_floor_has_exactly_the_steps_matrix_products(monkeypatch: pytest.MonkeyP
     ]
 
 
+def test_floor_of_a_cnn_has_each_convolution_and_its_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per Conv2d the forward convolution and one convolution_backward (dx only after the first); batch norm has no
+    products and is named."""
+    model = harness.cnn_model("cnn:3,8,8:4-6:2").build(torch.Generator().manual_seed(0))
+    run, left_out = harness.matmul_floor(model, torch.randn(2, 3, 8, 8))
+    calls = []
+    conv, conv_backward = torch.nn.functional.conv2d, torch.ops.aten.convolution_backward
+
+    def record_forward(x, w, *args, **kwargs):
+        calls.append(("conv2d", tuple(x.shape), tuple(w.shape)))
+        return conv(x, w, *args, **kwargs)
+
+    def record_backward(dout, x, w, *args):
+        calls.append(("backward", tuple(x.shape), tuple(args[-1])))
+        return conv_backward(dout, x, w, *args)
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", record_forward)
+    monkeypatch.setattr(torch.ops.aten, "convolution_backward", record_backward)
+    run()
+    monkeypatch.undo()
+    assert left_out == ["BatchNorm2d"]  # named once per type
+    assert [c for c in calls if c[0] == "conv2d"] == [
+        ("conv2d", (2, 3, 8, 8), (4, 3, 3, 3)), ("conv2d", (2, 4, 8, 8), (4, 4, 3, 3)),
+        ("conv2d", (2, 4, 4, 4), (6, 4, 3, 3)), ("conv2d", (2, 6, 4, 4), (6, 6, 3, 3))]
+    assert [c[2] for c in calls if c[0] == "backward"] == [(True, True, False)] * 3 + [(False, True, False)]
+    with pytest.raises(ValueError, match="cnn:C,H,W:CHANNELS:CLASSES"):
+        harness.resolve_model("cnn:3,8:4:2", (1,), 1)
+
+
 def test_floor_of_a_model_with_user_layers(monkeypatch: pytest.MonkeyPatch) -> None:
     """A layer the floor has no products for is named; a Linear after a first layer with parameters needs its dx."""
     model = nb.Sequential(Scale(6), nb.Linear(6, 4, bias=False), nb.ReLU())

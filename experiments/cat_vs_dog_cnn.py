@@ -1,0 +1,57 @@
+"""Cats against dogs with a convolutional network, every layer's backward written by hand: the photos a multilayer
+perceptron cannot tell apart (``cat_vs_dog.py``: 65% on the test photos) seen as images.
+
+    python experiments/cat_vs_dog_cnn.py --dataset imagefolder:../shared/datasets/cats-vs-dogs
+
+The data is a folder with ``train/`` and ``test/``, one subfolder per class, such as the 4,000 photos of Kaggle's
+"Dogs vs. Cats" (2,000 to train on, 2,000 to test); each photo is resized to 64x64 (aspect ratio not kept) and 400
+training photos are held out for validation. The network is four stages of two 3x3 convolutions (32, 64, 128, 256
+channels; batch norm, ReLU) each followed by 2x2 max pooling, then global average pooling, dropout and the
+two-class classifier: 1.2 million weights. It trains for 40 epochs with SGD (Nesterov momentum), two epochs of
+warm-up and a cosine schedule, on random horizontal flips.
+
+The recipe was chosen on the validation split alone, among a dozen variants (random resized crops, translations,
+80 px images, Adam, a larger learning rate, all worse or no better at 40 epochs); the test split is read once, at the
+end. Any setting can be changed on the command line (``--help``).
+
+Writes results/cat_vs_dog_cnn/: checkpoint.pt, metrics.jsonl, layers.jsonl, summary.json, and the figures.
+"""
+
+import sys
+from pathlib import Path
+
+from nnbackprop.config import TrainConfig, parse_config
+from nnbackprop.console import format_table
+from runner import result_row, run_experiment
+
+# ---------------------------------------------------------------------------------------------------- configuration
+config = TrainConfig(
+    dataset="imagefolder:../shared/datasets/cats-vs-dogs",
+    val_size=400,
+    image_size=64,
+    arch="cnn",
+    channels=(32, 64, 128, 256),
+    convs_per_stage=2,
+    dropout=0.3,
+    epochs=40,
+    batch_size=64,
+    optimizer="sgd",
+    lr=0.05,
+    momentum=0.9,
+    nesterov=True,
+    weight_decay=5e-4,
+    schedule="cosine",
+    warmup_epochs=2,
+    flip=True,
+    seed=0,
+)
+out_dir = Path("results/cat_vs_dog_cnn")
+# ------------------------------------------------------------------------------------------------------------------
+config = parse_config(sys.argv[1:], config, __doc__)
+
+result = run_experiment(config, out_dir)
+
+print()
+print(format_table([result_row("CNN " + "-".join(map(str, config.channels)) + f" x {config.convs_per_stage} convs",
+                               result)]))
+print(f"results in {out_dir}/")
