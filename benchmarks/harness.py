@@ -34,14 +34,15 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Mapping, Sequence
 
 import torch
 import torch.nn.functional as TF
 from torch import Tensor
 
 import nnbackprop as nb
-from internals import TOLERANCES, ConfigError, checked_torch_model, model_from_file
+from internals import LOW_PRECISION, TOLERANCES, ConfigError, checked_torch_model, model_from_file
+from internals import tf32 as nb_tf32
 from report import load_average, summarize
 
 LR = 0.01
@@ -325,22 +326,26 @@ def ours_step(model: nb.Module, *, fast: bool = True, **cuda_options: bool) -> n
 
 class TorchStep:
     """The step in ``torch.nn`` + autograd + ``torch.optim.SGD(**optimizer_options)``; ``compile`` wraps it in
-    ``torch.compile``. Returns ``(loss_sum, n_correct)`` on the device, as ours does.
+    ``torch.compile``; ``autocast`` (``torch.bfloat16``) runs its forward and loss under ``torch.autocast``, torch's
+    mixed precision. Returns ``(loss_sum, n_correct)`` on the device, as ours does.
 
     Attributes:
         failure: why the compiled step could not run (set by :func:`benchmark_config`), else ``None``.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer_options: Mapping[str, Any], compile: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, optimizer_options: Mapping[str, Any], compile: bool = False,
+                 autocast: torch.dtype | None = None) -> None:
         self.model = model
         self.optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, **optimizer_options)
+        self.autocast = autocast
         self._run = torch.compile(self._step) if compile else self._step
         self.failure: str | None = None
 
     def _step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
-        out = self.model(x)
-        loss = TF.cross_entropy(out, y)
+        with torch.autocast(x.device.type, self.autocast or torch.float32, enabled=self.autocast is not None):
+            out = self.model(x)
+            loss = TF.cross_entropy(out, y)
         loss.backward()
         self.optimizer.step()
         return loss.detach() * x.shape[0], (out.argmax(1) == y).sum()
@@ -378,10 +383,21 @@ def compiled_step(model: BenchModel, dtype: torch.dtype, device: torch.device | 
                   seed: int = 0) -> tuple[TorchStep | None, str | None]:
     """A compiled :class:`TorchStep` of ``model`` to share across batch sizes (each batch shape compiles once), or
     ``None`` and why there is none."""
-    reference, why = torch_equivalent(initial_model(model, dtype, torch.device(device), seed), model.input_shape)
+    mixed = dtype in LOW_PRECISION
+    init = initial_model(model, torch.float32 if mixed else dtype, torch.device(device), seed)
+    reference, why = torch_equivalent(init, model.input_shape)
     if reference is None:
         return None, f"no torch.nn equivalent ({why})"
-    return TorchStep(reference, {}, compile=True), None
+    return TorchStep(reference, {}, compile=True, autocast=dtype if mixed else None), None
+
+
+def _within(context: Callable[[], ContextManager[Any]], fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run inside a fresh ``context()`` at each call."""
+    def run(*args: Any) -> Any:
+        with context():
+            return fn(*args)
+
+    return run
 
 
 def benchmark_config(
@@ -395,9 +411,15 @@ def benchmark_config(
     rounds: int = 5,
     compiled: TorchStep | None = None,
     compiled_skip: str | None = None,
+    tf32: bool = False,
     seed: int = 0,
 ) -> dict[str, Any]:
     """Time one model at one batch size; return its row.
+
+    ``dtype`` ``torch.bfloat16`` times mixed precision: a float32 model on bfloat16 batches, ours with float32 master
+    weights (``make_step(dtype=torch.bfloat16)``; there is no simple row, ``SimpleStep`` has no mixed precision),
+    eager and compiled under ``torch.autocast``, the floor's products in bfloat16 and its update in float32. ``tf32``
+    (CUDA, float32) runs every implementation and the floors with TF32 matrix products and convolutions.
 
     Every implementation is built from the same initial weights and takes one step on the same batch, which must give
     ours' parameters; then all are timed together by :func:`time_interleaved`. A model without a ``torch.nn``
@@ -412,46 +434,53 @@ def benchmark_config(
             (the timings would compare different computations).
     """
     device = torch.device(device)
-    init = initial_model(model, dtype, device, seed)
+    mixed = dtype in LOW_PRECISION
+    if tf32 and (device.type != "cuda" or dtype != torch.float32):
+        raise ValueError(f"tf32 applies to float32 on CUDA, not to {dtype} on {device}")
+    param_dtype = torch.float32 if mixed else dtype
+    init = initial_model(model, param_dtype, device, seed)
     gen = torch.Generator(device).manual_seed(seed + 1)
     x = torch.randn(batch, *model.input_shape, generator=gen, device=device, dtype=dtype)
     y = torch.randint(0, model.num_classes, (batch,), generator=gen, device=device)
-    row: dict[str, Any] = {"model": model.name, "batch": batch, "dtype": str(dtype).split(".")[-1],
+    row: dict[str, Any] = {"model": model.name, "batch": batch,
+                           "dtype": str(dtype).split(".")[-1] + (" tf32" if tf32 else ""),
                            "device": str(device), "parameters": parameter_count(init)}
     steppers: dict[str, Callable[[Tensor, Tensor], Any]] = {}  # name → step(x, y), each past its first step
     checks: dict[str, float] = {}
+    precision = {"dtype": dtype if mixed else None, "tf32": tf32}
 
-    ours_model = copy.deepcopy(init)
-    steppers["ours"] = ours = ours_step(ours_model)
+    def weights(step: Any) -> dict[str, Tensor]:  # ours: the master weights under mixed precision
+        return _state(step.model) if isinstance(step, TorchStep) else step.model_state_dict()
+
+    steppers["ours"] = ours = ours_step(copy.deepcopy(init), **precision)
     row["ours_step"] = type(ours).__name__ + (f" ({ours.fallback_reason})" if ours.fallback_reason else "")
     ours(x, y)
-    reference = _state(ours_model)
+    reference = weights(ours)
+    in_precision = functools.partial(nb_tf32, tf32)
 
-    def first_step(name: str, step: Callable[[Tensor, Tensor], Any], stepped: Any) -> None:
-        step(x, y)
-        steppers[name] = step
-        difference = checks[name] = max_relative_difference(reference, _state(stepped))
+    def first_step(name: str, step: Any) -> None:
+        run = _within(in_precision, step)
+        run(x, y)
+        steppers[name] = run
+        difference = checks[name] = max_relative_difference(reference, weights(step))
         if not difference <= TOLERANCES[dtype]:
             raise RuntimeError(f"{name} and ours disagree after one step on {row['model']} at batch {batch}: relative "
                                f"parameter difference {difference:.2e} > {TOLERANCES[dtype]:.0e} (a model that draws "
                                "random numbers in its step, e.g. dropout, cannot be compared step for step)")
 
     if device.type == "cuda" and ours.fallback_reason is None:
-        stepped = copy.deepcopy(init)
-        first_step("ours_cuda_graph", ours_step(stepped, cuda_graph=True), stepped)
-    if ours.fallback_reason is None:
-        stepped = copy.deepcopy(init)
-        first_step("simple", ours_step(stepped, fast=False), stepped)
+        first_step("ours_cuda_graph", ours_step(copy.deepcopy(init), cuda_graph=True, **precision))
+    if ours.fallback_reason is None and not mixed:
+        first_step("simple", ours_step(copy.deepcopy(init), fast=False))
     row["eager_skip"] = torch_equivalent(init, model.input_shape)[1]
     row["eager_skipped"] = {}
     for name, options in EAGER_VARIANTS.items() if row["eager_skip"] is None else ():
-        stepped = nb.to_torch(copy.deepcopy(init))
         try:
-            step = TorchStep(stepped, options)
+            step = TorchStep(nb.to_torch(copy.deepcopy(init)), options, autocast=dtype if mixed else None)
         except (RuntimeError, ValueError) as error:  # a variant this torch or device lacks
             row["eager_skipped"][name] = str(error).strip().splitlines()[0]
             continue
-        first_step(f"eager_{name}", step, stepped)
+        first_step(f"eager_{name}", step)
 
     row["compile_s"] = None
     row["compiled_skip"] = compiled_skip if compiled is None else compiled.failure
@@ -460,7 +489,7 @@ def benchmark_config(
         start = time.perf_counter()
         try:
             for _ in range(2):  # the first step and every later one (the momentum buffers exist) compile apart
-                compiled(x, y)
+                _within(in_precision, compiled)(x, y)
             _synchronize(device)
         except Exception as error:  # e.g. no C compiler, or a platform inductor does not support
             compiled.failure = row["compiled_skip"] = (
@@ -468,13 +497,13 @@ def benchmark_config(
         else:
             first_calls_s = time.perf_counter() - start
             compiled.restart(init.state_dict())
-            first_step("compiled", compiled, compiled.model)
+            first_step("compiled", compiled)
 
     timers: dict[str, Callable[[], Any]] = {name: functools.partial(step, x, y) for name, step in steppers.items()}
-    products, row["floor_left_out"] = matmul_floor(init, x)
-    update, row["update_floor"] = update_floor(row["parameters"], dtype, device)
-    timers["floor"] = products
-    timers["floor+update"] = lambda: (products(), update())
+    products, row["floor_left_out"] = matmul_floor(copy.deepcopy(init).to(dtype=dtype) if mixed else init, x)
+    update, row["update_floor"] = update_floor(row["parameters"], param_dtype, device)
+    timers["floor"] = _within(in_precision, products)
+    timers["floor+update"] = _within(in_precision, lambda: (products(), update()))
     times = time_interleaved(timers, steps=steps, warmup=warmup, rounds=rounds, device=device)
     row["load_average"] = (load_average() or [None])[0]
     timings = row["timings"] = {name: summarize(t) for name, t in times.items()}
@@ -506,6 +535,7 @@ def benchmark_model(
     warmup: int = 3,
     rounds: int = 5,
     compile: bool = True,
+    tf32: bool = False,
     seed: int = 0,
     on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
@@ -518,7 +548,7 @@ def benchmark_model(
     rows = []
     for batch in batch_sizes:
         row = benchmark_config(model, batch, dtype=dtype, device=device, steps=steps, warmup=warmup, rounds=rounds,
-                               compiled=compiled, compiled_skip=skip, seed=seed)
+                               compiled=compiled, compiled_skip=skip, tf32=tf32, seed=seed)
         rows.append(row)
         if on_row is not None:
             on_row(row)

@@ -44,11 +44,12 @@ columns (each time is "median ±N%": the median milliseconds per step over --ste
 interquartile range as a percentage of the median, so the middle half of the steps lies within about median ±N%;
 a row where the interquartile range exceeds 10% of the median gets a warning line naming it below the table):
   model             an MLP's layer sizes, cnn:C,H,W:CHANNELS:CLASSES, or FILE.py:FUNCTION
-  batch, dtype      examples per step; parameter and data type (dtype shown when there are several)
+  batch, dtype      examples per step; parameter and data type (shown when there are several): bfloat16 is mixed
+                    precision (float32 weights, bfloat16 batches), "float32 tf32" float32 with TF32 products
   ours ms           the step nnbackprop.train takes: FastStep (buffers, flat parameters), or SimpleStep when the
                     fast layout cannot hold the model (said above the table)
   graph ms          (CUDA) FastStep replayed as a CUDA graph
-  simple ms         SimpleStep, the readable step on the plain model
+  simple ms         SimpleStep, the readable step on the plain model (none in bfloat16: it has no mixed precision)
   eager ms, best    the model's torch.nn equivalent (nnbackprop.to_torch) + autograd + torch.optim.SGD: the fastest
                     of its default, foreach and fused variants, named in "best"
   compiled ms       the eager step (default optimizer) under torch.compile; "compile s": its compile time, apart
@@ -79,8 +80,12 @@ parser.add_argument("--num-classes", type=positive, default=NUM_CLASSES,
                     help="number of classes of FILE.py:FUNCTION models; an MLP spec fixes its own")
 parser.add_argument("--batch-sizes", nargs="+", type=positive, default=BATCH_SIZES, metavar="N",
                     help="examples per step")
-parser.add_argument("--dtype", nargs="+", default=DTYPES, choices=["float32", "float64"],
-                    help="parameter and data types")
+parser.add_argument("--dtype", nargs="+", default=DTYPES, choices=["float32", "float64", "bfloat16"],
+                    help="parameter and data types; bfloat16: mixed precision, a float32 model on bfloat16 batches "
+                         "(ours with float32 master weights, eager and compiled under torch.autocast)")
+parser.add_argument("--tf32", action="store_true",
+                    help="(CUDA) also time float32 with TF32 matrix products and convolutions, for every "
+                         "implementation and the floors")
 parser.add_argument("--steps", type=positive, default=STEPS,
                     help="timed steps per implementation and configuration (the median and quartiles are over them)")
 parser.add_argument("--warmup", type=non_negative, default=WARMUP,
@@ -95,6 +100,9 @@ parser.add_argument("--plot", default=None, metavar="FILE.png",
 args = parser.parse_args()
 
 device = device_from(parser, args)
+if args.tf32 and (device.type != "cuda" or "float32" not in args.dtype):
+    parser.error("--tf32 times float32 on CUDA: pass --device cuda and --dtype float32")
+configs = [(dtype, False) for dtype in args.dtype] + [("float32", True)] * args.tf32  # (dtype, tf32) of each row
 try:
     models = [resolve_model(spec, args.input_shape, args.num_classes) for spec in args.models]
 except (ValueError, NNBackpropError) as error:
@@ -105,8 +113,8 @@ compile_steps = not args.no_compile
 model_width = max(len(m.name) for m in models)
 time_width = 11
 columns = [Column("model", key("model"), model_width, left=True), Column("batch", key("batch"), 5)]
-if len(args.dtype) > 1:
-    columns.append(Column("dtype", key("dtype"), 7))
+if len(configs) > 1:
+    columns.append(Column("dtype", key("dtype"), 12))
 
 
 def measured(row: dict, name: str) -> dict | None:
@@ -162,11 +170,11 @@ rows: list[dict] = []
 stopped = None
 with stop_on_signals():
     try:
-        for dtype in args.dtype:
+        for dtype, tf32 in configs:
             for model in models:
                 rows += benchmark_model(model, args.batch_sizes, dtype=getattr(torch, dtype), device=device,
                                         steps=args.steps, warmup=args.warmup, rounds=args.rounds,
-                                        compile=compile_steps, on_row=table.row)
+                                        compile=compile_steps, tf32=tf32, on_row=table.row)
     except KeyboardInterrupt:
         stopped = "interrupted"
     except RuntimeError as error:  # an implementation that disagrees with ours
@@ -182,8 +190,8 @@ if compile_steps:
 if stopped is not None:
     print(f"{stopped}; {len(rows)} rows measured", file=sys.stderr)
 if rows:
-    settings = {name: getattr(args, name) for name in ("models", "batch_sizes", "device", "dtype", "steps", "warmup",
-                                                          "rounds", "threads")}
+    settings = {name: getattr(args, name) for name in ("models", "batch_sizes", "device", "dtype", "tf32", "steps",
+                                                          "warmup", "rounds", "threads")}
     result = {"benchmark": "step", "machine": machine, "load_average_end": load_average(), **settings,
               "compile": compile_steps, "lr": LR, "momentum": MOMENTUM, "stopped": stopped, "rows": rows}
     write_json(args.out, result)

@@ -14,7 +14,8 @@ first, each in a process of its own with a time limit (so one that crashes CUDA 
 6. ``train``: 3 epochs of the default run on Fashion-MNIST with and without ``--cuda-graph`` (the same accuracy), and
    2 epochs resumed to 3 (the same accuracy as 3 straight);
 7. ``torchrun``: one process of data-parallel training over NCCL;
-8. ``step-benchmark``: the step benchmark's CUDA rows — float32, TF32, bfloat16, CUDA graph — against eager autograd;
+8. ``step-benchmark``: the step benchmark on CUDA in float32, TF32 and bfloat16 — ours, ours replayed as a CUDA
+   graph, eager autograd, the floors;
 9. ``gradcheck``: ``nnbackprop gradcheck --device cuda``.
 
 It writes one JSON file (``--out``) and prints a table: check, result, seconds, what it measured. Exit status 0 when
@@ -198,7 +199,7 @@ CHECKS: list[Check] = [
           _judge_torchrun, 120, lambda ctx: "needs Fashion-MNIST: pass --data-dir DIR"),
     Check("step-benchmark", _needs("benchmarks/step_benchmark.py", lambda ctx: [
         ctx.python, "benchmarks/step_benchmark.py", "--device", "cuda", "--models", "784-512-512-10",
-        "--batch-sizes", "128", "2048", "--steps", "30", "--no-compile",
+        "--batch-sizes", "128", "2048", "--steps", "30", "--no-compile", "--dtype", "float32", "bfloat16", "--tf32",
         "--out", str(ctx.scratch / "step_benchmark.json")]),
           _judge_benchmark, 150, lambda ctx: "needs the checkout's benchmarks/"),
     Check("gradcheck", lambda ctx: _module(ctx, "gradcheck", "--device", "cuda"), _judge_gradcheck, 120),

@@ -118,7 +118,7 @@ def _onnx_bytes(model: torch.nn.Module, example: tuple[torch.Tensor], batch: Any
     """The ONNX model of ``model``, its batch dimension left free: through torch.export (``dynamo=True``) where torch
     has it, else (torch before 2.6) through the TorchScript exporter."""
     try:
-        program = torch.onnx.export(model, example, dynamo=True, dynamic_shapes=({0: batch},))
+        program = torch.onnx.export(model, example, dynamo=True, dynamic_shapes=({0: batch},), verbose=False)
         return program.model_proto.SerializeToString()
     except TypeError:  # an older torch.onnx.export, without dynamo= and dynamic_shapes=
         buffer = io.BytesIO()

@@ -98,7 +98,8 @@ def quick_runs() -> dict[tuple[str, ...], dict]:
     calls = [("step_benchmark.py", "--help"), ("epoch_benchmark.py", "--help"), ("distributed_benchmark.py", "--help"),
              ("step_benchmark.py", "--model", "nowhere.py:build"), ("step_benchmark.py", "--models", "784-x-10"),
              ("step_benchmark.py", "--input-shape", "1,x"), ("epoch_benchmark.py", "--max-steps", "0"),
-             ("distributed_benchmark.py", "--runs", "2", "--steps", "1")]
+             ("distributed_benchmark.py", "--runs", "2", "--steps", "1"),
+             ("step_benchmark.py", "--tf32", "--device", "cpu")]
     env = {**script_env(), "PYTHONPATH": os.pathsep.join([str(BENCHMARKS), script_env()["PYTHONPATH"]])}
     argvs = [[str(BENCHMARKS / script), *args] for script, *args in calls]
     result = subprocess.run([sys.executable, "-c", HELP_RUNNER, json.dumps(argvs)], cwd=ROOT, env=env,
@@ -155,6 +156,7 @@ def test_step_help_defines_the_floors(quick_runs: dict) -> None:
     (("step_benchmark.py", "--input-shape", "1,x"), "'1,x': expected positive sizes joined by ','"),
     (("epoch_benchmark.py", "--max-steps", "0"), "argument --max-steps: '0': expected an integer of at least 1"),
     (("distributed_benchmark.py", "--runs", "2", "--steps", "1"), "'2': expected PROCESSESxTHREADS"),
+    (("step_benchmark.py", "--tf32", "--device", "cpu"), "--tf32 times float32 on CUDA"),
 ])
 def test_bad_options_stop_with_one_line(quick_runs: dict, call: tuple[str, ...], message: str) -> None:
     run = quick_runs[call]
@@ -163,6 +165,24 @@ def test_bad_options_stop_with_one_line(quick_runs: dict, call: tuple[str, ...],
 
 
 # -------------------------------------------------------------------------------------------------- step benchmark
+
+
+def test_step_benchmark_of_a_cnn_in_mixed_precision(tmp_path: Path) -> None:
+    """A CNN in float32 and bfloat16: every implementation checked against ours after one step (the script stops
+    otherwise); no simple row in bfloat16, the floor's update over float32 master weights."""
+    out = tmp_path / "step.json"
+    result = run_script("step_benchmark.py", "--models", "cnn:3,8,8:4-6:2", "--dtype", "float32", "bfloat16",
+                        "--batch-sizes", "4", "--steps", "2", "--warmup", "1", "--rounds", "1", "--threads", "1",
+                        "--no-compile", "--out", out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    header, rows = table_of(result.stdout, "model")
+    assert "dtype" in header and [row.split()[2] for row in rows] == ["float32", "bfloat16"]
+    float32, bfloat16 = json.loads(out.read_text())["rows"]
+    assert float32["floor_left_out"] == bfloat16["floor_left_out"] == ["BatchNorm2d"]
+    assert "simple" in float32["timings"] and "simple" not in bfloat16["timings"]
+    assert bfloat16["ours_step"] == "FastStep" and bfloat16["eager_over_ours"] > 0
+    assert set(bfloat16["checks"]) >= {"eager_default", "eager_foreach"}
+    assert max(bfloat16["checks"].values()) <= 3.2e-2 and max(float32["checks"].values()) <= 1e-5
 
 
 def test_step_benchmark_with_user_models(tmp_path: Path) -> None:

@@ -34,3 +34,14 @@ def test_the_functional_excerpt_is_the_code() -> None:
         code = inspect.getsource(getattr(F, name)).splitlines()
         shown = re.search(rf"def {name}.*?(?=\n\n|\Z)", excerpt, re.S).group(0).splitlines()
         assert shown[0] == code[0] and shown[-1] == code[-1], f"the README's {name} is not functional.py's"
+
+
+def test_the_reading_path_points_at_each_function() -> None:
+    """Each hop of "Reading path" names a file, a line and a function: the line is that function's ``def``."""
+    text = README.read_text(encoding="utf-8")
+    hops = re.findall(r"^\d+\. `(nnbackprop/[\w/]+\.py):(\d+)` `(\w+)`", text, re.M)
+    assert len(hops) >= 10
+    root = README.parent
+    for path, line, name in hops:
+        shown = (root / path).read_text(encoding="utf-8").splitlines()[int(line) - 1]
+        assert re.match(rf"\s*def {name}\b", shown), f"README's {path}:{line} is not def {name}: {shown.strip()!r}"
