@@ -4,7 +4,8 @@ one process.
 * **ours**: the step :func:`nnbackprop.make_step` gives (``FastStep``, or ``SimpleStep`` when the fast layout cannot
   hold the model) and, as a detail, the readable ``SimpleStep``;
 * **eager**: the same model as ``torch.nn`` (:func:`nnbackprop.to_torch`) + autograd + ``torch.optim.SGD``, in each
-  variant the installed torch offers (``default``, ``foreach``, ``fused``); the fastest is the baseline;
+  variant the installed torch offers (``default``, ``foreach``, ``fused``; for image models each also channels-last,
+  ``+cl``, as torch advises for convolutions); the fastest is the baseline;
 * **compiled**: the eager step (default optimizer) under ``torch.compile``, compile time reported apart, or the reason
   it could not run;
 * **floor**: only the matrix products the step needs, with the same shapes, found from the model's layers
@@ -49,6 +50,9 @@ LR = 0.01
 MOMENTUM = 0.9
 EAGER_VARIANTS = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}
 """``torch.optim.SGD`` keyword arguments of each eager variant."""
+CHANNELS_LAST = "+cl"
+"""Suffix of the eager variants of an image model run channels-last (model and batch), as torch advises for
+convolutions on CPUs and tensor cores: ``foreach+cl``, ..."""
 
 
 # -------------------------------------------------------------------------------------------------------- the models
@@ -334,8 +338,9 @@ class TorchStep:
     """
 
     def __init__(self, model: torch.nn.Module, optimizer_options: Mapping[str, Any], compile: bool = False,
-                 autocast: torch.dtype | None = None) -> None:
-        self.model = model
+                 autocast: torch.dtype | None = None, channels_last: bool = False) -> None:
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.to(memory_format=self.memory_format)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, **optimizer_options)
         self.autocast = autocast
         self._run = torch.compile(self._step) if compile else self._step
@@ -343,6 +348,7 @@ class TorchStep:
 
     def _step(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
+        x = x.contiguous(memory_format=self.memory_format)
         with torch.autocast(x.device.type, self.autocast or torch.float32, enabled=self.autocast is not None):
             out = self.model(x)
             loss = TF.cross_entropy(out, y)
@@ -474,9 +480,12 @@ def benchmark_config(
         first_step("simple", ours_step(copy.deepcopy(init), fast=False))
     row["eager_skip"] = torch_equivalent(init, model.input_shape)[1]
     row["eager_skipped"] = {}
-    for name, options in EAGER_VARIANTS.items() if row["eager_skip"] is None else ():
+    layouts = ["", CHANNELS_LAST] if x.dim() == 4 else [""]
+    variants = [(name + layout, options) for layout in layouts for name, options in EAGER_VARIANTS.items()]
+    for name, options in variants if row["eager_skip"] is None else ():
         try:
-            step = TorchStep(nb.to_torch(copy.deepcopy(init)), options, autocast=dtype if mixed else None)
+            step = TorchStep(nb.to_torch(copy.deepcopy(init)), options, autocast=dtype if mixed else None,
+                             channels_last=name.endswith(CHANNELS_LAST))
         except (RuntimeError, ValueError) as error:  # a variant this torch or device lacks
             row["eager_skipped"][name] = str(error).strip().splitlines()[0]
             continue
@@ -509,7 +518,7 @@ def benchmark_config(
     timings = row["timings"] = {name: summarize(t) for name, t in times.items()}
     ms = {name: t["median"] for name, t in timings.items()}
 
-    eager = [name for name in EAGER_VARIANTS if f"eager_{name}" in ms]
+    eager = [name for name, _ in variants if f"eager_{name}" in ms]
     row["eager_best"] = min(eager, key=lambda n: ms[f"eager_{n}"]) if eager else None
     if "compiled" in ms:
         row["compile_s"] = round(max(first_calls_s - 2 * ms["compiled"] / 1e3, 0.0), 2)

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from harness import EAGER_VARIANTS, LR, MOMENTUM, benchmark_model, describe, resolve_model
+from harness import CHANNELS_LAST, EAGER_VARIANTS, LR, MOMENTUM, benchmark_model, describe, resolve_model
 from internals import NNBackpropError
 from report import (Column, HelpFormatter, Table, add_device_options, describe_machine, device_from, format_time, key,
                     load_average, machine_info, noise_warnings, non_negative, plot_times, positive, ratio, shape_arg,
@@ -51,7 +51,8 @@ a row where the interquartile range exceeds 10% of the median gets a warning lin
   graph ms          (CUDA) FastStep replayed as a CUDA graph
   simple ms         SimpleStep, the readable step on the plain model (none in bfloat16: it has no mixed precision)
   eager ms, best    the model's torch.nn equivalent (nnbackprop.to_torch) + autograd + torch.optim.SGD: the fastest
-                    of its default, foreach and fused variants, named in "best"
+                    of its default, foreach and fused variants, for image models each also channels-last
+                    (model and batch, "+cl"), named in "best"
   compiled ms       the eager step (default optimizer) under torch.compile; "compile s": its compile time, apart
   floor ms          only the step's matrix products, with the same shapes, nothing else: per Linear the forward
                     addmm (x Wᵀ + b), dW = doutᵀ x and dx = dout W (none for the first layer with parameters, whose
@@ -131,7 +132,7 @@ if device.type == "cuda":
     columns.append(Column("graph ms", timing("ours_cuda_graph"), time_width))
 columns += [Column("simple ms", timing("simple"), time_width),
             Column("eager ms", timing("eager"), time_width),
-            Column("best", key("eager_best"), max(map(len, EAGER_VARIANTS)))]
+            Column("best", key("eager_best"), max(map(len, EAGER_VARIANTS)) + len(CHANNELS_LAST))]
 if compile_steps:
     columns += [Column("compiled ms", timing("compiled"), time_width),
                 Column("compile s", key("compile_s", "{:.1f}"))]
