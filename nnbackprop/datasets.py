@@ -203,7 +203,7 @@ class DataSplits:
         source: where the data was read from.
         augmentation: the batch augmentation that suits the data, ``{"shift": pixels, "flip": bool}`` (for
             MNIST's digits a 1-pixel shift; none for Fashion-MNIST within a short run; shifts and flips for photos of
-            animals), which training uses where its settings leave it open; empty for an image folder (none).
+            animals; flips for an image folder of photos), which training uses where its settings leave it open.
         statistics: what the training images are like, per image (:func:`image_statistics`), for telling an input
             unlike them; ``None`` for an image folder read from disk during training.
     """
@@ -737,8 +737,9 @@ def _load_image_folder(name: str, root: Path, val_size: int, seed: int, image_si
                  else _folder_histogram(train, seed, default_num_workers()))
     mean, std = _mean_std(histogram)
     statistics = image_statistics(train.images) if isinstance(train, TensorData) else None
+    # Photos: a mirrored cat is a cat (pass --no-flip for images whose mirror is another class, such as text).
     return DataSplits(name, train, val, test, classes, (data.channels, image_size, image_size), mean, std, str(root),
-                      statistics=statistics)
+                      {"flip": True}, statistics=statistics)
 
 
 def load_dataset(

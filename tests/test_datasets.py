@@ -216,6 +216,7 @@ def test_image_folder_carves_val_and_test(tmp_path, monkeypatch, in_memory):
     write_image_folder(tmp_path, per_class=6)
     splits = load_dataset(f"imagefolder:{tmp_path}", val_size=2, seed=0, image_size=8)
     assert splits.classes == ["cat", "dog"] and splits.input_shape == (3, 8, 8) and splits.source == str(tmp_path)
+    assert splits.augmentation == {"flip": True}  # photos: flips unless the settings say otherwise
     kind = TensorData if in_memory else ImageFolderData
     assert all(isinstance(part, kind) for part in (splits.train, splits.val, splits.test))
     assert (len(splits.train), len(splits.val), len(splits.test)) == (8, 2, 2)
