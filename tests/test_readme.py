@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import shlex
 import re
 from pathlib import Path
 
@@ -45,3 +46,51 @@ def test_the_reading_path_points_at_each_function() -> None:
     for path, line, name in hops:
         shown = (root / path).read_text(encoding="utf-8").splitlines()[int(line) - 1]
         assert re.match(rf"\s*def {name}\b", shown), f"README's {path}:{line} is not def {name}: {shown.strip()!r}"
+
+
+def shell_commands() -> list[list[str]]:
+    """The commands of the README's ``bash`` blocks, continuation lines joined and comments dropped, as argv lists."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(encoding="utf-8"), re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            argv = shlex.split(line, comments=True)
+            if argv:
+                commands.append(argv)
+    return commands
+
+
+def nnbackprop_arguments(argv: list[str]) -> list[str] | None:
+    """The arguments after ``nnbackprop`` (or ``-m nnbackprop``) in ``argv``; ``None`` for other commands."""
+    if argv[0] == "nnbackprop":
+        return argv[1:]
+    if "-m" in argv and argv[argv.index("-m") + 1:argv.index("-m") + 2] == ["nnbackprop"]:
+        return argv[argv.index("-m") + 2:]
+    return None
+
+
+COMMANDS = [args for args in map(nnbackprop_arguments, shell_commands()) if args is not None]
+EXPERIMENTS = [argv[2:] for argv in shell_commands() if argv[:2] != ["python", "-m"] and argv[0] == "python"
+               and argv[1].startswith("experiments/")
+               and "parse_config(sys.argv" in (README.parent / argv[1]).read_text(encoding="utf-8")]
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=[" ".join(a)[:60] for a in COMMANDS])
+def test_each_nnbackprop_command_in_the_readme_parses(args: list[str]) -> None:
+    """Every option the README gives ``nnbackprop`` exists and takes the value shown (``--help`` exits 0)."""
+    from nnbackprop.cli import build_parser
+
+    try:
+        build_parser().parse_args(args)
+    except SystemExit as stop:
+        assert stop.code == 0 and "--help" in args, f"nnbackprop {' '.join(args)}: exit {stop.code}"
+
+
+@pytest.mark.parametrize("args", EXPERIMENTS, ids=[" ".join(a)[:60] for a in EXPERIMENTS])
+def test_each_experiment_command_in_the_readme_parses(args: list[str]) -> None:
+    from nnbackprop.config import parse_config
+
+    parse_config(args)
+
+
+def test_the_readme_shows_commands_to_check() -> None:
+    assert len(COMMANDS) >= 15 and len(EXPERIMENTS) >= 3
