@@ -208,7 +208,7 @@ class TrainConfig:
                                        "instead of shifts; 1 for none (default: what suits the data set)",
                                        between(0.05, 1, high_open=False))
     flip: bool | None = setting(None, "optimisation", "augmentation: random horizontal flips (default: what suits "
-                                "the data set: on for CIFAR-10 cats and dogs and for image folders of photos, else off)")
+                                "the data set: on for CIFAR-10 cats and dogs and image folders of photos, else off)")
     # run
     device: str = setting("auto", "run", "auto, cpu, cuda or cuda:N", resumable=True)
     dtype: str = setting("float32", "run", "the dtype the layers compute in; bfloat16: mixed precision, with float32 "
