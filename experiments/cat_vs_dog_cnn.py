@@ -21,8 +21,7 @@ import sys
 from pathlib import Path
 
 from nnbackprop.config import TrainConfig, parse_config
-from nnbackprop.console import format_table
-from runner import result_row, run_experiment
+from runner import report, run_experiment
 
 # ---------------------------------------------------------------------------------------------------- configuration
 config = TrainConfig(
@@ -50,8 +49,4 @@ out_dir = Path("results/cat_vs_dog_cnn")
 config = parse_config(sys.argv[1:], config, __doc__)
 
 result = run_experiment(config, out_dir)
-
-print()
-print(format_table([result_row("CNN " + "-".join(map(str, config.channels)) + f" x {config.convs_per_stage} convs",
-                               result)]))
-print(f"results in {out_dir}/")
+report("CNN " + "-".join(map(str, config.channels)) + f" x {config.convs_per_stage} convs", result, out_dir)

@@ -24,8 +24,7 @@ import sys
 from pathlib import Path
 
 from nnbackprop.config import TrainConfig, parse_config
-from nnbackprop.console import format_table
-from runner import result_row, run_experiment
+from runner import report, run_experiment
 
 # ---------------------------------------------------------------------------------------------------- configuration
 config = TrainConfig(
@@ -49,7 +48,4 @@ out_dir = Path("results/mnist_mlp")
 config = parse_config(sys.argv[1:], config, __doc__)
 
 result = run_experiment(config, out_dir)
-
-print()
-print(format_table([result_row("MLP " + "-".join(map(str, config.hidden)), result)]))
-print(f"results in {out_dir}/")
+report("MLP " + "-".join(map(str, config.hidden)), result, out_dir)

@@ -10,7 +10,7 @@ from typing import Any
 
 from nnbackprop.callbacks import TrainResult
 from nnbackprop.config import TrainConfig
-from nnbackprop.console import ConsoleLogger, fail, print_error
+from nnbackprop.console import ConsoleLogger, fail, format_table, print_error
 from nnbackprop.datasets import DataSplits
 from nnbackprop.errors import NNBackpropError, WriteError
 from nnbackprop.module import Module
@@ -47,3 +47,10 @@ def result_row(name: str, result: TrainResult) -> dict[str, Any]:
     return {"run": name, "test acc %": round(100 * result.test_accuracy, 2), "test loss": result.test_loss,
             "best epoch": result.best_epoch if result.best_epoch is not None else "-", "epochs": last.epoch,
             "train loss": last.train_loss, "wall s": round(result.wall_time, 1)}
+
+
+def report(name: str, result: TrainResult, out_dir: str | Path) -> None:
+    """Print the experiment's summary table (one row, :func:`result_row`) and where its files are."""
+    print()
+    print(format_table([result_row(name, result)]))
+    print(f"results in {out_dir}/")
