@@ -12,7 +12,10 @@ warm-up and a cosine schedule, on random horizontal flips.
 
 The recipe was chosen on the validation split alone, among a dozen variants (random resized crops, translations,
 80 px images, Adam, a larger learning rate, all worse or no better at 40 epochs); the test split is read once, at the
-end. Any setting can be changed on the command line (``--help``).
+end. The weights kept are those of the epoch with the highest validation accuracy (``monitor``): the network learns
+its 1,600 training photos by heart within 30 epochs, and from then on its validation loss rises (it grows
+over-confident on the photos it gets wrong) while its validation accuracy still climbs, from 81% at the epoch of
+lowest validation loss (19) to 85% at epoch 35. Any setting can be changed on the command line (``--help``).
 
 Writes results/cat_vs_dog_cnn/: checkpoint.pt, metrics.jsonl, layers.jsonl, summary.json, and the figures.
 """
@@ -42,6 +45,7 @@ config = TrainConfig(
     schedule="cosine",
     warmup_epochs=2,
     flip=True,
+    monitor="val_accuracy",
     seed=0,
 )
 out_dir = Path("results/cat_vs_dog_cnn")

@@ -36,9 +36,9 @@ class RunInfo:
 
 @dataclass
 class TrainResult:
-    """What :func:`train` returns. ``model`` holds the best weights (lowest validation loss; the last epoch's without
-    a validation split); ``history`` has one :class:`~nnbackprop.metrics.EpochMetrics` per epoch trained, resumed runs
-    included."""
+    """What :func:`train` returns. ``model`` holds the best weights (the lowest validation loss, or the highest
+    accuracy with ``monitor="val_accuracy"``; the last epoch's without a validation split); ``history`` has one
+    :class:`~nnbackprop.metrics.EpochMetrics` per epoch trained, resumed runs included."""
 
     model: Module
     history: list[EpochMetrics]

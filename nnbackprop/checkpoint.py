@@ -157,7 +157,8 @@ _SHAPES: dict[str, tuple[type | tuple[type, ...], Any]] = {
     "best_model": ((dict, type(None)), lambda m: m is None or _tensor_dict(m)),
     "optimizer": (dict, lambda o: isinstance(o.get("state"), dict) and isinstance(o.get("param_groups"), list)),
     "scheduler": (dict, None),
-    "early_stopping": (dict, lambda e: _is_number(e.get("best_loss")) and not math.isnan(e["best_loss"])
+    "early_stopping": (dict, lambda e: _is_number(e.get("best_score", e.get("best_loss")))
+                       and not math.isnan(e.get("best_score", e.get("best_loss")))
                        and _is_int(e.get("bad_epochs")) and e["bad_epochs"] >= 0
                        and (e.get("best_epoch") is None or _is_int(e.get("best_epoch")))),
     "rng": (dict, lambda r: _byte_tensor(r.get("torch")) and isinstance(r.get("generators"), list)

@@ -198,8 +198,13 @@ class TrainConfig:
     step_epochs: int | None = setting(None, "optimisation", "step schedule: epochs between decays (default: a third "
                                       "of the run)", at_least(1, maximum=MAX_EPOCHS))
     gamma: float = setting(0.1, "optimisation", "step schedule: decay factor", at_least(0, strict=True))
-    patience: int | None = setting(None, "optimisation", "stop after this many epochs without a lower validation "
-                                   "loss (default: never)", at_least(1, maximum=MAX_EPOCHS), resumable=True)
+    patience: int | None = setting(None, "optimisation", "stop after this many epochs without a better validation "
+                                   "result (--monitor) (default: never)", at_least(1, maximum=MAX_EPOCHS),
+                                   resumable=True)
+    monitor: str = setting("val_loss", "optimisation", "the validation result that picks the weights kept (and "
+                           "evaluated on the test split) and that --patience watches: val_loss (lowest) or "
+                           "val_accuracy (highest; an overfitting classifier's loss can rise while its accuracy "
+                           "still does)", one_of("val_loss", "val_accuracy"))
     shift: int | None = setting(None, "optimisation", "augmentation: random shifts of up to this many pixels "
                                 "(default: what suits the data set: 1 for MNIST, 2 for CIFAR-10 cats and dogs, "
                                 "else 0)", at_least(0, maximum=MAX_IMAGE_SIZE))

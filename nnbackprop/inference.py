@@ -195,7 +195,7 @@ class Evaluation:
     Attributes:
         checkpoint: the checkpoint file evaluated.
         epoch: epochs it had trained.
-        best_epoch: the epoch whose weights were evaluated (lowest validation loss); ``None``: the last epoch's.
+        best_epoch: the epoch whose weights were evaluated (the best validation result); ``None``: the last epoch's.
         dataset: the data set's name (``"mnist"``, ``"imagefolder:PATH"``).
         split: ``"test"`` (its test split) or ``"all"`` (every image of a folder without ``train/`` and ``test/``).
         source: where the examples were read from.

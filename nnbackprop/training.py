@@ -6,8 +6,8 @@ the model, the loss, the optimizer and the learning-rate schedule (:mod:`nnbackp
 
 1. takes one step per mini-batch of the shuffled training split, after the optional augmentation of the batch
    (:func:`~nnbackprop.augment.augment_batch`), and steps the schedule (:func:`train_epoch`);
-2. evaluates the model on the validation split and keeps the weights with the lowest validation loss
-   (:class:`EarlyStopping`); stops when it has not improved for ``patience`` epochs;
+2. evaluates the model on the validation split and keeps the weights with the lowest validation loss (or the highest
+   accuracy, ``monitor``) (:class:`EarlyStopping`); stops when that has not improved for ``patience`` epochs;
 3. writes a checkpoint (:mod:`nnbackprop.checkpoint`) and the metrics so far.
 
 At the end the best weights are put back into the model and evaluated on the test split, once.
@@ -68,30 +68,35 @@ RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, SUMMARY_FILE, CONFIG_FILE, LAYERS_FI
 
 
 class EarlyStopping:
-    """Keeps the weights of the epoch with the lowest validation loss, and says when to stop.
+    """Keeps the weights of the epoch with the best validation result, and says when to stop.
 
     Args:
-        patience: stop once the validation loss has not gone below its best for ``patience`` epochs in a row
-            (``None``: never).
+        patience: stop once the validation result has not improved for ``patience`` epochs in a row (``None``: never).
+        monitor: ``"val_loss"`` (lower is better) or ``"val_accuracy"`` (higher is better).
 
     Attributes:
-        best_loss, best_epoch, best_state: the lowest validation loss so far, its epoch and a copy of the model's
-            weights then (``inf``, ``None``, ``None`` before the first epoch).
+        best_score, best_epoch, best_state: the best result so far signed so that lower is better (the loss, or minus
+            the accuracy), its epoch and a copy of the model's weights then (``inf``, ``None``, ``None`` before the
+            first epoch).
         bad_epochs: epochs since ``best_epoch``.
     """
 
-    def __init__(self, patience: int | None = None) -> None:
-        self.patience = patience
-        self.best_loss = math.inf
+    def __init__(self, patience: int | None = None, monitor: str = "val_loss") -> None:
+        if monitor not in ("val_loss", "val_accuracy"):
+            raise ValueError(f"EarlyStopping: monitor must be 'val_loss' or 'val_accuracy', got {monitor!r}")
+        self.patience, self.monitor = patience, monitor
+        self.best_score = math.inf
         self.best_epoch: int | None = None
         self.best_state: dict[str, Tensor] | None = None
         self.bad_epochs = 0
 
-    def update(self, epoch: int, val_loss: float, weights: Callable[[], dict[str, Tensor]]) -> bool:
-        """Record epoch ``epoch``'s validation loss; on a new best keep ``weights()`` (a copy of the model's state)
+    def update(self, epoch: int, val_loss: float, val_accuracy: float,
+               weights: Callable[[], dict[str, Tensor]]) -> bool:
+        """Record epoch ``epoch``'s validation result; on a new best keep ``weights()`` (a copy of the model's state)
         and return ``True``."""
-        if val_loss < self.best_loss:
-            self.best_loss, self.best_epoch, self.best_state, self.bad_epochs = val_loss, epoch, weights(), 0
+        score = val_loss if self.monitor == "val_loss" else -val_accuracy
+        if score < self.best_score:
+            self.best_score, self.best_epoch, self.best_state, self.bad_epochs = score, epoch, weights(), 0
             return True
         self.bad_epochs += 1
         return False
@@ -102,10 +107,11 @@ class EarlyStopping:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything but the weights (which a checkpoint keeps as ``best_model``)."""
-        return {"best_loss": self.best_loss, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
+        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
 
     def load_state_dict(self, state: Mapping[str, Any], best_state: dict[str, Tensor] | None) -> None:
-        self.best_loss, self.best_epoch, self.bad_epochs = state["best_loss"], state["best_epoch"], state["bad_epochs"]
+        self.best_score = state["best_score"] if "best_score" in state else state["best_loss"]  # earlier checkpoints
+        self.best_epoch, self.bad_epochs = state["best_epoch"], state["bad_epochs"]
         self.best_state = best_state
 
 
@@ -223,7 +229,7 @@ def train(config: TrainConfig, model: Module | None = None, data: DataSplits | N
         if steps_per_epoch == 0:
             raise ConfigError(f"the training split of {data.name} is empty")
         scheduler = build_scheduler(config, optimizer, steps_per_epoch)
-        early = EarlyStopping(config.patience)
+        early = EarlyStopping(config.patience, config.monitor)
         history: list[EpochMetrics] = []
         elapsed_before = 0.0
         if saved is not None:
@@ -263,7 +269,7 @@ def train(config: TrainConfig, model: Module | None = None, data: DataSplits | N
                 if not math.isfinite(val_loss):
                     raise NonFiniteLossError("the validation loss", epoch, steps_per_epoch, steps_per_epoch,
                                              steps_per_epoch, checkpoint_path, len(history))
-                early.update(epoch, val_loss, step.model_state_dict)
+                early.update(epoch, val_loss, val_accuracy, step.model_state_dict)
             history.append(EpochMetrics(epoch, loss, accuracy, val_loss, val_accuracy, lr,
                                         time.perf_counter() - epoch_start,
                                         train_loader.num_samples * dist.world_size / train_seconds))
@@ -290,7 +296,8 @@ def train(config: TrainConfig, model: Module | None = None, data: DataSplits | N
         summary = {
             "test_loss": test.loss, "test_accuracy": test.accuracy, "best_epoch": early.best_epoch,
             "epochs_trained": len(history), "stopped_early": stopped_early,
-            "best_val_loss": early.best_loss if early.best_epoch is not None else None, "wall_time_s": wall_time,
+            "best_val_loss": history[early.best_epoch - 1].val_loss if early.best_epoch is not None else None,
+            "wall_time_s": wall_time,
             "step": type(step).__name__, "device": str(device), "world_size": dist.world_size,
             "threads": torch.get_num_threads(), "num_parameters": num_parameters, "torch": str(torch.__version__),
             "model": model_source(config, passed), "data": data.info(), "config": config.to_dict(),

@@ -225,7 +225,7 @@ def test_a_checkpoint_without_cuda_random_state_resumes(tmp_path, real_checkpoin
 
 
 @pytest.mark.parametrize("edit, words, read", [
-    (lambda c: c["early_stopping"].__setitem__("best_loss", float("nan")), "its early_stopping is malformed", True),
+    (lambda c: c["early_stopping"].__setitem__("best_score", float("nan")), "its early_stopping is malformed", True),
     (lambda c: c["rng"].__setitem__("torch", c["rng"]["torch"].float()), "its rng is malformed", True),
     (lambda c: c["rng"].__setitem__("generators", [c["rng"]["generators"][0].double()]), "its rng is malformed",
      True),
@@ -234,7 +234,7 @@ def test_a_checkpoint_without_cuda_random_state_resumes(tmp_path, real_checkpoin
     (lambda c: c["scheduler"]["_schedulers"][1].__setitem__("base_lrs", None),
      "(scheduler._schedulers[1].base_lrs differs", False),
     (lambda c: c["scheduler"].__setitem__("_schedulers", []), "(scheduler._schedulers differs", False),
-], ids=["best-loss-nan", "rng-float", "generator-double", "scheduler-keys", "scheduler-epoch-text",
+], ids=["best-score-nan", "rng-float", "generator-double", "scheduler-keys", "scheduler-epoch-text",
         "scheduler-no-lrs", "scheduler-parts"])
 def test_a_crafted_checkpoint_with_a_valid_hash_is_refused_in_one_line(tmp_path, real_checkpoint, edit, words, read):
     """Refused where it is met: a field of the wrong type by every reader (``load_checkpoint``: evaluate, predict

@@ -174,6 +174,25 @@ def test_early_stopping_restores_the_weights_of_the_lowest_validation_loss(tmp_p
     assert_same_weights(load_model(tmp_path / CHECKPOINT_FILE)[0].state_dict(), best)
 
 
+def test_monitoring_validation_accuracy_keeps_the_most_accurate_epoch(tmp_path):
+    """With monitor="val_accuracy" the weights kept, evaluated and resumed are the first epoch of highest validation
+    accuracy, whatever its loss; the summary names that epoch's loss."""
+    data = toy_data(n_train=64, n_val=200, learnable=False)
+    config = BASE.replace(hidden=(128,), lr=0.2, batch_size=16, epochs=6, monitor="val_accuracy")
+    result = train(config, data=data, out_dir=tmp_path)
+    accuracies = [m.val_accuracy for m in result.history]
+    assert result.best_epoch == 1 + accuracies.index(max(accuracies))
+    val_loader = make_loader(data.val, 1000, mean=data.mean, std=data.std)
+    assert evaluate(result.model, CrossEntropyLoss(), val_loader).accuracy == max(accuracies)
+    assert result.summary["best_val_loss"] == result.history[result.best_epoch - 1].val_loss
+    state = load_checkpoint(tmp_path / CHECKPOINT_FILE)["early_stopping"]
+    assert state["best_score"] == -max(accuracies) and state["best_epoch"] == result.best_epoch
+    resumed = train(config.replace(epochs=8), data=data, out_dir=tmp_path, resume=True)
+    assert max(m.val_accuracy for m in resumed.history) == resumed.history[resumed.best_epoch - 1].val_accuracy
+    with pytest.raises(ValueError, match="monitor"):
+        BASE.replace(monitor="accuracy")
+
+
 def test_early_stopping_needs_a_validation_split():
     with pytest.raises(ValueError, match="validation split"):
         train(BASE.replace(patience=2), data=toy_data(n_val=0))
