@@ -7,7 +7,8 @@ the model, the loss, the optimizer and the learning-rate schedule (:mod:`nnbackp
 1. takes one step per mini-batch of the shuffled training split, after the optional augmentation of the batch
    (:func:`~nnbackprop.augment.augment_batch`), and steps the schedule (:func:`train_epoch`);
 2. evaluates the model on the validation split and keeps the weights with the lowest validation loss (or the highest
-   accuracy, ``monitor``) (:class:`EarlyStopping`); stops when that has not improved for ``patience`` epochs;
+   accuracy, ``monitor``; :class:`~nnbackprop.early_stopping.EarlyStopping`); stops when that has not improved for
+   ``patience`` epochs;
 3. writes a checkpoint (:mod:`nnbackprop.checkpoint`) and the metrics so far.
 
 At the end the best weights are put back into the model and evaluated on the test split, once.
@@ -35,10 +36,9 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
-from torch import Tensor
 from torch.optim.lr_scheduler import LRScheduler
 
 from nnbackprop.augment import augment_batch
@@ -53,6 +53,7 @@ from nnbackprop.device import resolve_device, torch_threads
 from nnbackprop.diagnostics import LAYERS_FILE, Diagnostics, read_layer_records, write_layer_records
 from nnbackprop.distributed import (DistContext, all_reduce_mean_hook, broadcast_module, eval_shard, gather_objects,
                                     local_batch_size, rank_seed, reduce_metrics)
+from nnbackprop.early_stopping import EarlyStopping
 from nnbackprop.errors import ConfigError, NonFiniteLossError, OutputExistsError
 from nnbackprop.evaluation import evaluate
 from nnbackprop.files import lock_output_dir, remove_stale_temp_files, write_text
@@ -65,54 +66,6 @@ from nnbackprop.step import FastStep, SimpleStep, make_step
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "config.toml"
 RUN_FILES = (CHECKPOINT_FILE, METRICS_FILE, SUMMARY_FILE, CONFIG_FILE, LAYERS_FILE)
-
-
-class EarlyStopping:
-    """Keeps the weights of the epoch with the best validation result, and says when to stop.
-
-    Args:
-        patience: stop once the validation result has not improved for ``patience`` epochs in a row (``None``: never).
-        monitor: ``"val_loss"`` (lower is better) or ``"val_accuracy"`` (higher is better).
-
-    Attributes:
-        best_score, best_epoch, best_state: the best result so far signed so that lower is better (the loss, or minus
-            the accuracy), its epoch and a copy of the model's weights then (``inf``, ``None``, ``None`` before the
-            first epoch).
-        bad_epochs: epochs since ``best_epoch``.
-    """
-
-    def __init__(self, patience: int | None = None, monitor: str = "val_loss") -> None:
-        if monitor not in ("val_loss", "val_accuracy"):
-            raise ValueError(f"EarlyStopping: monitor must be 'val_loss' or 'val_accuracy', got {monitor!r}")
-        self.patience, self.monitor = patience, monitor
-        self.best_score = math.inf
-        self.best_epoch: int | None = None
-        self.best_state: dict[str, Tensor] | None = None
-        self.bad_epochs = 0
-
-    def update(self, epoch: int, val_loss: float, val_accuracy: float,
-               weights: Callable[[], dict[str, Tensor]]) -> bool:
-        """Record epoch ``epoch``'s validation result; on a new best keep ``weights()`` (a copy of the model's state)
-        and return ``True``."""
-        score = val_loss if self.monitor == "val_loss" else -val_accuracy
-        if score < self.best_score:
-            self.best_score, self.best_epoch, self.best_state, self.bad_epochs = score, epoch, weights(), 0
-            return True
-        self.bad_epochs += 1
-        return False
-
-    @property
-    def should_stop(self) -> bool:
-        return self.patience is not None and self.bad_epochs >= self.patience
-
-    def state_dict(self) -> dict[str, Any]:
-        """Everything but the weights (which a checkpoint keeps as ``best_model``)."""
-        return {"best_score": self.best_score, "best_epoch": self.best_epoch, "bad_epochs": self.bad_epochs}
-
-    def load_state_dict(self, state: Mapping[str, Any], best_state: dict[str, Tensor] | None) -> None:
-        self.best_score = state["best_score"] if "best_score" in state else state["best_loss"]  # earlier checkpoints
-        self.best_epoch, self.bad_epochs = state["best_epoch"], state["bad_epochs"]
-        self.best_state = best_state
 
 
 @dataclass
