@@ -15,14 +15,32 @@ being device tensors — capturable in a CUDA graph, where a schedule's new lear
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Protocol
 
 import torch
 import torch.optim.optimizer as torch_optimizer
 from torch import Tensor
 
-if TYPE_CHECKING:
-    from nnbackprop.layout import FlatParameters
+
+
+class FlatTensors(Protocol):
+    """What an optimizer attached to the fast layout uses of its flat tensors
+    (:class:`nnbackprop.layout.FlatParameters` is the one there is)."""
+
+    params: list[Tensor]  # the parameters, in the flat order
+
+    @property
+    def values(self) -> Tensor: ...  # (P,) the values the update changes (float32 master weights under bfloat16)
+
+    def views(self, flat: Tensor) -> list[Tensor]: ...  # a (P,) tensor as one view per parameter
+
+    def gather(self, tensors: list[Tensor], like: Tensor) -> Tensor: ...  # per-parameter tensors as one (P,) tensor
+
+    def collect_grads(self) -> None: ...  # every gradient into the flat gradient
+
+    def update_grad(self) -> Tensor: ...  # (P,) the gradient the update reads
+
+    def after_update(self) -> None: ...  # the parameters made to follow ``values``
 
 # hooks registered with torch.optim.optimizer.register_optimizer_step_{pre,post}_hook, which step() runs for every
 # optimizer
@@ -55,7 +73,7 @@ class Optimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
-        self._flat: FlatParameters | None = None
+        self._flat: FlatTensors | None = None
         self._flat_group: int | None = None
         self._flat_state: dict[str, Tensor] = {}  # (P,) tensors, or 0-dim ones shared by the group (Adam's step)
         self._scalar_tensors: dict[tuple, tuple[tuple[float, ...], tuple[Tensor, ...]]] = {}
@@ -71,7 +89,7 @@ class Optimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     # ------------------------------------------------------------------ the fast layout
-    def attach_flat(self, flat: FlatParameters, group_index: int) -> None:
+    def attach_flat(self, flat: FlatTensors, group_index: int) -> None:
         """Update group ``group_index`` (whose parameters are ``flat.params``, in order) on ``flat``'s tensors from now
         on; the state the group already has moves into flat tensors."""
         if [id(p) for p in self.param_groups[group_index]["params"]] != [id(p) for p in flat.params]:
