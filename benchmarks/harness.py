@@ -475,14 +475,14 @@ def benchmark_config(
     reference = weights(ours)
     in_precision = functools.partial(nb_tf32, tf32)
 
-    start = _state(init)
+    initial = _state(init)
     tolerance = UPDATE_TOLERANCES["tf32" if tf32 else dtype]
 
     def first_step(name: str, step: Any) -> None:
         run = _within(in_precision, step)
         run(x, y)
         steppers[name] = run
-        difference = checks[name] = update_difference(start, reference, weights(step))
+        difference = checks[name] = update_difference(initial, reference, weights(step))
         if not difference <= tolerance:
             raise RuntimeError(f"{name} and ours disagree after one step on {row['model']} at batch {batch}: their "
                                f"updates differ by {difference:.2e} of ours, more than {tolerance:.0e} (a model that "
