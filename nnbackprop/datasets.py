@@ -515,9 +515,15 @@ IMAGE_STATISTICS: dict[str, tuple[str, Callable[[Tensor], Tensor]]] = {
 images: a photo into a model trained on Fashion-MNIST's black backgrounds, a dark scan, a blank image."""
 
 
+STATISTICS_SAMPLE = 10_000
+"""At most this many images (every k-th) give :func:`image_statistics` its ranges: plenty for 99% quantiles, and a
+tenth of a second instead of half a second for MNIST's 55,000."""
+
+
 def image_statistics(images: Tensor, quantiles: tuple[float, float] = (0.005, 0.995)) -> dict[str, list[float]]:
-    """The range each of :data:`IMAGE_STATISTICS` spans over ``images`` ``uint8 (N, C, H, W)``: its ``quantiles``
-    (by default 99% of the images lie inside)."""
+    """The range each of :data:`IMAGE_STATISTICS` spans over ``images`` ``uint8 (N, C, H, W)`` (every k-th of them,
+    :data:`STATISTICS_SAMPLE` at most): its ``quantiles`` (by default 99% of the images lie inside)."""
+    images = images[::-(-len(images) // STATISTICS_SAMPLE)] if len(images) > STATISTICS_SAMPLE else images
     x = images.reshape(len(images), -1).float().div_(255)  # (N, C·H·W)
     q = torch.tensor(quantiles)
     return {name: [round(v, 4) for v in torch.quantile(f(x), q).tolist()] for name, (_, f) in IMAGE_STATISTICS.items()}
