@@ -3,8 +3,8 @@
 The classic results for a plain MLP, from the table on LeCun's MNIST page: 784-800-10 with cross-entropy, 98.4%
 (1.6% error), and 98.9% when trained on affinely distorted digits (Simard et al., 2003). This configuration,
 784-800-800-10 with dropout 0.2, SGD with Nesterov momentum and weight decay, one warm-up epoch then a cosine decay,
-and random shifts of up to 2 pixels, reached **99.18%** after 20 epochs (best validation epoch 18; 95 s on a 2-core
-CPU, torch 2.15, seed 0). An MLP has no notion of neighbouring pixels, so to it a digit moved by a pixel is a new
+and random shifts of up to 2 pixels, reached **99.18%** after 20 epochs (best validation epoch 18; 67 s on a 2-core
+CPU, torch 2.14.1, seed 0). An MLP has no notion of neighbouring pixels, so to it a digit moved by a pixel is a new
 example; digits are not mirrored (a mirrored 2 is no longer a 2), so there are no flips here.
 
 5,000 training images are held out for validation; the weights of the epoch with the lowest validation loss are the
