@@ -2,9 +2,9 @@
 
 The best MLPs in the Fashion-MNIST benchmark (zalandoresearch/fashion-mnist) reach 87.1% (sklearn MLPClassifier) and
 88.33% test accuracy. This configuration reached 90.65% after 30 epochs (best validation epoch 27; 161 s on a
-2-core CPU, torch 2.14.1, seed 0; 90.82% with torch 2.15): two wide ReLU layers with batch normalisation and dropout, SGD with Nesterov
-momentum and weight decay, one epoch of linear warm-up then a cosine decay of the learning rate, and each training
-image mirrored left-right at random (clothes look the same mirrored).
+2-core CPU, torch 2.14.1, seed 0; 90.82% with torch 2.15): two wide ReLU layers with batch normalisation and
+dropout, SGD with Nesterov momentum and weight decay, one epoch of linear warm-up then a cosine decay of the learning
+rate, and each training image mirrored left-right at random (clothes look the same mirrored).
 
 5,000 training images are held out for validation; the weights of the epoch with the lowest validation loss are the
 ones evaluated on the 10,000 test images, once, at the end.
