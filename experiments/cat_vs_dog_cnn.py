@@ -17,6 +17,10 @@ its 1,600 training photos by heart within 30 epochs, and from then on its valida
 over-confident on the photos it gets wrong) while its validation accuracy still climbs, from 81% at the epoch of
 lowest validation loss (19) to 85% at epoch 35. Any setting can be changed on the command line (``--help``).
 
+Result: **84.50% on the 2,000 test photos** (weights of epoch 39, 86.00% on validation; 994 s with ``--threads 1`` on
+a 2-core CPU while another run used the other core, torch 2.14.1). Chollet's small convnet trained from scratch on
+the same 2,000 photos reaches 82% with augmentation and dropout; the MLP of ``cat_vs_dog.py`` 65.40%.
+
 Writes results/cat_vs_dog_cnn/: checkpoint.pt, metrics.jsonl, layers.jsonl, summary.json, and the figures.
 """
 

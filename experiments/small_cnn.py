@@ -5,8 +5,13 @@ written by hand.
     python experiments/small_cnn.py --dataset fashion-mnist
 
 Each stage is two convolutions (3x3, padding 1, batch norm, ReLU) then 2x2 max pooling; global average pooling and
-dropout lead to the classifier. The settings below were chosen on the validation split (the last 5,000 training
-images held out); the test split is read once, at the end. Any setting can be changed on the command line (``--help``).
+dropout lead to the classifier. The settings below were chosen on the validation split (5,000 training images held
+out); the test split is read once, at the end. Any setting can be changed on the command line (``--help``).
+
+Results (seed 0, ``--threads 1`` on a 2-core CPU while other work used the other core, torch 2.14.1): MNIST
+**99.33%** (12 epochs, 1,438 s); Fashion-MNIST **92.27%** (30 epochs, 2,327 s). Fashion-MNIST first ran 15 epochs
+(91.78% validation, 91.42% test); its training accuracy on augmented images stayed below its validation accuracy and
+the latter was still rising, so it got 30 (92.72% validation at the epoch kept, 29).
 
 Writes results/small_cnn_DATASET/: checkpoint.pt, metrics.jsonl, layers.jsonl, summary.json, and the figures.
 """
@@ -25,7 +30,7 @@ base = TrainConfig(  # and otherwise train's defaults: SGD with Nesterov momentu
 )
 per_dataset = {  # what differs between the two: the widths, the epochs and the augmentation that suits the data
     "mnist": dict(channels=(32, 64), hidden=(128,), epochs=12, shift=1, flip=False),
-    "fashion-mnist": dict(channels=(32, 64), hidden=(128,), epochs=15, shift=1, flip=True),
+    "fashion-mnist": dict(channels=(32, 64), hidden=(128,), epochs=30, shift=1, flip=True),
 }
 # ------------------------------------------------------------------------------------------------------------------
 dataset = parse_config(sys.argv[1:], base, __doc__).dataset  # which data set the command line names
