@@ -32,8 +32,9 @@ from torch import Tensor
 import nnbackprop as nb
 from harness import LR, MOMENTUM, resolve_model
 from internals import all_reduce_mean_hook, broadcast_module, cleanup, init_distributed, local_batch_size
-from report import (Column, HelpFormatter, Table, describe_machine, format_time, key, load_average, machine_info,
-                    noise_warnings, non_negative, positive, shape_arg, stop_on_signals, summarize, write_json)
+from report import (MODEL_SPECS, Column, HelpFormatter, Table, add_shape_options, describe_machine, format_time, key,
+                    load_average, machine_info, noise_warnings, non_negative, positive, stop_on_signals, summarize,
+                    write_json)
 
 # ---------------------------------------------------------------------------------------------------- configuration
 MODEL = "784-512-512-10"
@@ -162,13 +163,8 @@ def runs_spec(text: str) -> tuple[int, int]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=COLUMNS_HELP,
                                      formatter_class=HelpFormatter)
-    parser.add_argument("--model", default=MODEL, metavar="SPEC",
-                        help="an MLP's layer sizes joined by '-' (input-hidden...-classes), or FILE.py:FUNCTION, a "
-                             "function returning an nnbackprop model")
-    parser.add_argument("--input-shape", type=shape_arg, default=INPUT_SHAPE, metavar="C,H,W",
-                        help="shape of one input example of a FILE.py:FUNCTION model; an MLP spec fixes its own")
-    parser.add_argument("--num-classes", type=positive, default=NUM_CLASSES,
-                        help="number of classes of a FILE.py:FUNCTION model; an MLP spec fixes its own")
+    parser.add_argument("--model", default=MODEL, metavar="SPEC", help=f"the model: {MODEL_SPECS}")
+    add_shape_options(parser, INPUT_SHAPE, NUM_CLASSES)
     parser.add_argument("--batch-sizes", nargs="+", type=positive, default=GLOBAL_BATCHES, metavar="N",
                         help="global batches, each a multiple of every process count")
     parser.add_argument("--runs", nargs="+", type=runs_spec, default=RUNS, metavar="PxT",

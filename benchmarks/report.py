@@ -205,6 +205,20 @@ def _integer(text: str, least: int) -> int:
     return value
 
 
+MODEL_SPECS = ("an MLP's layer sizes joined by '-' (input-hidden...-classes, ReLU, no dropout), "
+               "cnn:C,H,W:CHANNELS:CLASSES (nnbackprop.cnn, e.g. cnn:3,64,64:32-64-128-256:2), or FILE.py:FUNCTION, "
+               "a function returning an nnbackprop model, called as 'nnbackprop train --model' calls it")
+"""What a model spec may be (``harness.resolve_model``), for the benchmarks' help."""
+
+
+def add_shape_options(parser: argparse.ArgumentParser, input_shape: str, num_classes: int) -> None:
+    """``--input-shape`` and ``--num-classes``, which a ``FILE.py:FUNCTION`` model is built for."""
+    parser.add_argument("--input-shape", type=shape_arg, default=input_shape, metavar="C,H,W",
+                        help="shape of one input example of FILE.py:FUNCTION models; an MLP or CNN spec fixes its own")
+    parser.add_argument("--num-classes", type=positive, default=num_classes,
+                        help="number of classes of FILE.py:FUNCTION models; an MLP or CNN spec fixes its own")
+
+
 def add_device_options(parser: argparse.ArgumentParser) -> None:
     """``--device`` (default: CUDA when there is one) and ``--threads``; :func:`device_from` reads them."""
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",

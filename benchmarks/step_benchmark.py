@@ -23,9 +23,9 @@ import torch
 
 from harness import CHANNELS_LAST, EAGER_VARIANTS, LR, MOMENTUM, benchmark_model, describe, resolve_model
 from internals import NNBackpropError
-from report import (Column, HelpFormatter, Table, add_device_options, describe_machine, device_from, format_time, key,
-                    load_average, machine_info, noise_warnings, non_negative, plot_times, positive, ratio, shape_arg,
-                    stop_on_signals, write_json)
+from report import (MODEL_SPECS, Column, HelpFormatter, Table, add_device_options, add_shape_options, describe_machine,
+                    device_from, format_time, key, load_average, machine_info, noise_warnings, non_negative, plot_times,
+                    positive, ratio, stop_on_signals, write_json)
 
 # ---------------------------------------------------------------------------------------------------- configuration
 MODELS = ["784-512-512-10", "784-1024-1024-1024-10"]
@@ -71,14 +71,8 @@ a row where the interquartile range exceeds 10% of the median gets a warning lin
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=COLUMNS_HELP,
                                  formatter_class=HelpFormatter)
 parser.add_argument("--models", "--model", nargs="+", default=MODELS, metavar="SPEC",
-                    help="models to time: an MLP's layer sizes joined by '-' (input-hidden...-classes, ReLU, no "
-                         "dropout), cnn:C,H,W:CHANNELS:CLASSES (nnbackprop.cnn, e.g. cnn:3,64,64:32-64-128-256:2), or "
-                         "FILE.py:FUNCTION, a function returning an nnbackprop model, called as 'nnbackprop train "
-                         "--model' calls it")
-parser.add_argument("--input-shape", type=shape_arg, default=INPUT_SHAPE, metavar="C,H,W",
-                    help="shape of one input example of FILE.py:FUNCTION models; an MLP spec fixes its own")
-parser.add_argument("--num-classes", type=positive, default=NUM_CLASSES,
-                    help="number of classes of FILE.py:FUNCTION models; an MLP spec fixes its own")
+                    help=f"models to time: {MODEL_SPECS}")
+add_shape_options(parser, INPUT_SHAPE, NUM_CLASSES)
 parser.add_argument("--batch-sizes", nargs="+", type=positive, default=BATCH_SIZES, metavar="N",
                     help="examples per step")
 parser.add_argument("--dtype", nargs="+", default=DTYPES, choices=["float32", "float64", "bfloat16"],
