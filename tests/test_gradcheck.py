@@ -12,8 +12,8 @@ from torch.autograd.gradcheck import GradcheckError
 from conftest import assert_failed, assert_passed, make_input
 from user_layers import Scale, Swish
 
-from nnbackprop import (BatchNorm1d, CrossEntropyLoss, Dropout, Linear, Module, Parameter, ReLU, Sequential,
-                        check_gradients, check_gradients_fd)
+from nnbackprop import (BatchNorm1d, CrossEntropyLoss, Dropout, Linear, MaxPool2d, Module, Parameter, ReLU,
+                        Sequential, check_gradients, check_gradients_fd)
 from nnbackprop import functional as F
 from nnbackprop.gradcheck import LAYOUTS, TOLERANCES, builtin_checks, compare
 from nnbackprop.module import ReferenceForwardError
@@ -292,7 +292,45 @@ def test_a_reference_forward_that_returns_something_autograd_cannot_use():
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_the_built_in_suite_passes_in_bfloat16_within_a_tolerance_derived_from_its_precision(layout):
     """bfloat16 keeps 8 bits of mantissa: the tolerance is eight roundings of half a unit in the last place, and every
-    built-in check — the deep GELU + dropout + batch-norm MLP included — lies within it, in both layouts."""
+    built-in check — the deep GELU + dropout + batch-norm MLP and the CNN with max pooling included — lies within it,
+    in both layouts, on twelve random draws of inputs and weights."""
     assert TOLERANCES[torch.bfloat16] == 8 * torch.finfo(torch.bfloat16).eps / 2 == 2 ** -5
-    reports = builtin_checks("cpu", torch.bfloat16, layout=layout)
-    assert reports and all(r.passed for r in reports), "\n".join(str(r) for r in reports if not r.passed)
+    for seed in range(12):
+        reports = builtin_checks("cpu", torch.bfloat16, layout=layout, seed=seed)
+        assert reports and all(r.passed for r in reports), \
+            f"seed {seed}:\n" + "\n".join(str(r) for r in reports if not r.passed)
+
+
+class NudgeFirst(Module):
+    """Scales the first pixel of each row by ``factor`` in forward and backward; its reference is the identity."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x.clone()
+        out[..., 0] *= self.factor
+        return out
+
+    def backward(self, dout: torch.Tensor) -> torch.Tensor:
+        dx = dout.clone()
+        dx[..., 0] *= self.factor
+        return dx
+
+    def reference_forward(self, x: torch.Tensor, params: dict) -> torch.Tensor:
+        return x * 1
+
+
+def test_a_16_bit_check_follows_the_path_our_forward_took():
+    """A near-tie that our bfloat16 forward decides the other way from float64 (and from torch in bfloat16) sends the
+    gradient to another pixel: the check follows our forward's path (which max-pool window won) and measures rounding
+    there. A nudge of 2^-6 (within bfloat16's rounding) passes; one of 2^-4 fails."""
+    x = torch.tensor([[[[1.0, 1.0078125]]]], dtype=torch.bfloat16)  # adjacent in bfloat16: the second is larger
+    dout = torch.ones(1, 1, 1, 1, dtype=torch.bfloat16)
+    within = Sequential(NudgeFirst(1 + 2 ** -6), MaxPool2d((1, 2)))  # 1.015625 > 1.0078125: our max is the first
+    report = check_gradients(within, x, dout=dout)
+    assert report.passed, str(report)
+    assert report.checks[1].name == "input" and report.checks[1].max_rel_err == pytest.approx(2 ** -6, rel=0.01)
+    beyond = check_gradients(Sequential(NudgeFirst(1 + 2 ** -4), MaxPool2d((1, 2))), x, dout=dout)
+    assert not beyond.passed and beyond.checks[1].max_rel_err > TOLERANCES[torch.bfloat16], str(beyond)
