@@ -62,10 +62,11 @@ config = TrainConfig(
     flip=True,
     patience=40,
     seed=0,
+    out="results/cat_vs_dog",
 )
-out_dir = Path("results/cat_vs_dog")
 # ------------------------------------------------------------------------------------------------------------------
 config = parse_config(sys.argv[1:], config, __doc__)
+out_dir = Path(config.out)
 
 result = run_experiment(config, out_dir)
 report("MLP " + "-".join(map(str, config.hidden)) + ", one logit", result, out_dir)

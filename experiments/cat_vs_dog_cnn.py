@@ -51,10 +51,11 @@ config = TrainConfig(
     flip=True,
     monitor="val_accuracy",
     seed=0,
+    out="results/cat_vs_dog_cnn",
 )
-out_dir = Path("results/cat_vs_dog_cnn")
 # ------------------------------------------------------------------------------------------------------------------
 config = parse_config(sys.argv[1:], config, __doc__)
+out_dir = Path(config.out)
 
 result = run_experiment(config, out_dir)
 report("CNN " + "-".join(map(str, config.channels)) + f" x {config.convs_per_stage} convs", result, out_dir)

@@ -57,10 +57,11 @@ config = TrainConfig(
     warmup_epochs=1,
     flip=True,
     seed=0,
+    out="results/fashion_mnist_mlp",
 )
-out_dir = Path("results/fashion_mnist_mlp")
 # ------------------------------------------------------------------------------------------------------------------
 config = parse_config(sys.argv[1:], config, __doc__)
+out_dir = Path(config.out)
 
 result = run_experiment(config, out_dir)
 report("MLP " + "-".join(map(str, config.hidden)), result, out_dir)

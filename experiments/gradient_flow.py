@@ -55,15 +55,16 @@ config = TrainConfig(  # plain SGD with momentum, nothing else: no dropout, weig
     warmup_epochs=0,
     log_every=20,
     seed=0,
+    out="results/gradient_flow",
 )
 runs = {  # name: what differs from the configuration
     "sigmoid, standard init": dict(activation="sigmoid", init="default"),
     "tanh, Xavier init": dict(activation="tanh", init="xavier"),
     "ReLU, Kaiming init + batch norm": dict(activation="relu", init="kaiming", batchnorm=True),
 }
-out_dir = Path("results/gradient_flow")
 # ------------------------------------------------------------------------------------------------------------------
 config = parse_config(sys.argv[1:], config, __doc__)
+out_dir = Path(config.out)
 data = load_dataset(config.dataset, config.data_dir, config.download, config.val_size, config.seed)
 
 records, rows = {}, []

@@ -42,10 +42,11 @@ config = TrainConfig(
     warmup_epochs=1,
     shift=2,
     seed=0,
+    out="results/mnist_mlp",
 )
-out_dir = Path("results/mnist_mlp")
 # ------------------------------------------------------------------------------------------------------------------
 config = parse_config(sys.argv[1:], config, __doc__)
+out_dir = Path(config.out)
 
 result = run_experiment(config, out_dir)
 report("MLP " + "-".join(map(str, config.hidden)), result, out_dir)

@@ -61,6 +61,7 @@ base = TrainConfig(  # plain: no regularisation, no augmentation, no schedule, s
     shift=0,
     flip=False,
     seed=0,
+    out="results/optimizer_comparison",
 )
 runs = {  # name: what differs from base; batch_size None is the whole training split
     "full-batch GD": dict(batch_size=None),
@@ -70,9 +71,9 @@ runs = {  # name: what differs from base; batch_size None is the whole training 
     "Adam": dict(optimizer="adam", lr=1e-3),
     "AdamW, decay 0.01": dict(optimizer="adamw", lr=1e-3, weight_decay=0.01),
 }
-out_dir = Path("results/optimizer_comparison")
 # ------------------------------------------------------------------------------------------------------------------
 base = parse_config(sys.argv[1:], base, __doc__)
+out_dir = Path(base.out)
 
 try:
     data = load_dataset(base.dataset, base.data_dir, base.download, base.val_size, base.seed, base.image_size)

@@ -35,7 +35,7 @@ per_dataset = {  # what differs between the two: the widths, the epochs and the 
 # ------------------------------------------------------------------------------------------------------------------
 dataset = parse_config(sys.argv[1:], base, __doc__).dataset  # which data set the command line names
 config = parse_config(sys.argv[1:], base.replace(dataset=dataset, **per_dataset.get(dataset, {})), __doc__)
-out_dir = Path(f"results/small_cnn_{config.dataset}")
+out_dir = Path(config.out or f"results/small_cnn_{config.dataset}")
 
 result = run_experiment(config, out_dir)
 report("CNN " + "-".join(map(str, config.channels)) + f" x {config.convs_per_stage} convs", result, out_dir)

@@ -97,6 +97,21 @@ def test_fast_conv_backward_equals_the_naive_im2col_one(name: str, gen: torch.Ge
             F._weight_grad_by_windows(dout, x, weight.shape, stride, padding, dilation, padded.contiguous() + 1)
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 20])
+def test_the_float32_weight_gradient_by_windows_is_the_float64_one_rounded(gen: torch.Generator, chunk_bytes: int,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """In float32 on the CPU the windows' product runs on oneDNN where torch has it: the same sum, rounded as float32
+    rounds, image by image (accumulated) or all at once."""
+    x, weight, _, settings, dout = _conv_case("3x3-pad1", gen)
+    naive = F.conv2d_backward_naive(dout, x, weight, *settings)[1]
+    monkeypatch.setattr(F, "CHUNK_BYTES", chunk_bytes)
+    stride, padding, dilation, _ = settings
+    x32, dout32 = x.float().contiguous(memory_format=CL), dout.float().contiguous(memory_format=CL)
+    dW = F._weight_grad_by_windows(dout32, x32, weight.shape, stride, padding, dilation, None)
+    assert dW.dtype == torch.float32 and _rel(dW.double(), naive) <= 1e-6
+    assert F._ONEDNN_MATMUL is not None or not torch.backends.mkldnn.is_available()
+
+
 def test_conv2d_backward_writes_into_given_buffers_and_skips_dx(gen: torch.Generator) -> None:
     x, weight, bias, settings, dout = _conv_case("3x3-pad1", gen)
     dx, dW, db = torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)

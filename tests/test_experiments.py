@@ -51,3 +51,16 @@ def test_a_training_script_runs_as_the_readme_shows_it(tmp_path, script, data, o
     written = result.stdout.rsplit("results in ", 1)[1].split("/\n")[0]
     summary = json.loads((tmp_path / written / "summary.json").read_text())
     assert summary["epochs_trained"] == 1 and summary["config"]["epochs"] == 1
+
+
+def test_a_training_script_writes_where_out_says(tmp_path):
+    """--out moves a script's results from their default folder, as it does train's."""
+    write_fake_mnist(tmp_path / "data")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "mnist_mlp.py"), "--data-dir", str(tmp_path / "data"),
+         "--val-size", "50", "--hidden", "16", "--epochs", "1", "--warmup-epochs", "0", "--batch-size", "8",
+         "--threads", "1", "--out", "elsewhere"], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
+        timeout=SUBPROCESS_TIMEOUT_S)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "results in elsewhere/" in result.stdout and (tmp_path / "elsewhere" / "summary.json").is_file()
+    assert not (tmp_path / "results").exists()
