@@ -163,9 +163,16 @@ def cleanup(wait: bool = False) -> None:
     """Leave the process group, if one was initialised; safe to call more than once.
 
     With ``wait`` (when this rank has finished its work) the ranks first wait for each other: gloo aborts a process
-    ("terminate called without an active exception") that tears down its group while a peer's is already gone."""
+    ("terminate called without an active exception") that tears down its group while a peer's is already gone. On
+    gloo the last collective before that barrier is on a tensor held here until the group is gone: before torch 2.8
+    (pytorch#154976) the group's destructor holds the GIL while it joins its worker threads, and a worker still
+    freeing a collective's tensor that only it holds needs the GIL to do so, a deadlock (seen on torch 2.4.1: a rank
+    stuck in ``destroy_process_group`` for good, after its run was written)."""
     if dist.is_initialized():
+        held = torch.zeros(1)
         if wait:
+            if dist.get_backend() == "gloo":
+                dist.all_reduce(held)
             dist.barrier()
         dist.destroy_process_group()
 
