@@ -97,6 +97,7 @@ def worker(settings: dict[str, Any]) -> None:
             step_s.append(time.perf_counter() - start)
             all_reduce_s.append(hook_s)
         Path(settings["result"]).write_text(json.dumps({"step_s": step_s, "all_reduce_s": all_reduce_s}))
+        cleanup(wait=True)  # a rank that leaves while its peer still tears down its group aborts the peer
     finally:
         cleanup()
 
