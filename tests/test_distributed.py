@@ -121,6 +121,8 @@ def worker(mode: str, out_dir: Path, launched: int, launched_at: float) -> None:
             cleanup(wait=True)
         finally:
             cleanup()
+        threads = [path.read_text().strip() for path in Path("/proc/self/task").glob("*/comm")]
+        (out_dir / f"threads{rank}.json").write_text(json.dumps(threads))
         return
     record: dict = {}
     started = time.perf_counter()
@@ -228,6 +230,11 @@ def test_two_ranks_equal_one_process(tmp_path: Path) -> None:
             torch.testing.assert_close(r0["state"][key], value, **tol, msg=lambda m: f"{dtype} {key}: {m}")
         torch.testing.assert_close(r0["loss_sum"], single["loss_sum"], **tol)
         assert r0["n_correct"].dtype == torch.long and int(r0["n_correct"]) == int(single["n_correct"])
+    if Path("/proc/self/task").is_dir():  # the group is gone with its threads, not left for the interpreter's exit
+        for r in (0, 1):
+            threads = json.loads((tmp_path / f"threads{r}.json").read_text())
+            left = [t for t in threads if "gloo" in t or "tcpstore" in t]
+            assert not left, f"rank {r} still runs {left} after cleanup"
 
 
 @pytest.mark.parametrize("mode", ["die", "stall"])
