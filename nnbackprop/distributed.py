@@ -165,21 +165,29 @@ def init_distributed(device_arg: str = "auto", timeout_s: float = DEFAULT_TIMEOU
     return DistContext(rank, world_size, local_rank, device, backend, timeout_s)
 
 
+GLOO_DESTRUCTOR_HOLDS_GIL = tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 8)
+"""Before torch 2.8 (pytorch#154976) a gloo group's destructor holds the GIL while it joins its worker threads, and a
+worker still freeing a collective's tensor that only it holds needs the GIL to do so: a deadlock."""
+
+
 def cleanup(wait: bool = False) -> None:
     """Leave the process group, if one was initialised; safe to call more than once.
 
     With ``wait`` (when this rank has finished its work) the ranks first wait for each other: gloo aborts a process
     ("terminate called without an active exception") that tears down its group while a peer's is already gone. On
-    gloo the last collective before that barrier is on a tensor held here until the group is gone: before torch 2.8
-    (pytorch#154976) the group's destructor holds the GIL while it joins its worker threads, and a worker still
-    freeing a collective's tensor that only it holds needs the GIL to do so, a deadlock (seen on torch 2.4.1: a rank
-    stuck in ``destroy_process_group`` for good, after its run was written)."""
+    gloo the last collective before that barrier is on a tensor held here until the group is gone, so that no worker
+    frees a tensor while the group is destroyed (:data:`GLOO_DESTRUCTOR_HOLDS_GIL`; seen on torch 2.4.1: a rank stuck
+    in ``destroy_process_group`` for good, after its run was written). Without ``wait`` (after a failure, when a
+    collective may still hold its tensor) such a torch leaves the gloo group to the process's exit."""
     if dist.is_initialized():
         held = torch.zeros(1)
+        gloo = dist.get_backend() == "gloo"
         if wait:
-            if dist.get_backend() == "gloo":
+            if gloo:
                 dist.all_reduce(held)
             dist.barrier()
+        elif gloo and GLOO_DESTRUCTOR_HOLDS_GIL:
+            return
         dist.destroy_process_group()
 
 
