@@ -180,10 +180,10 @@ def cleanup(wait: bool = False) -> None:
     in ``destroy_process_group`` for good, after its run was written). Without ``wait`` (after a failure, when a
     collective may still hold its tensor) such a torch leaves the gloo group to the process's exit."""
     if dist.is_initialized():
-        held = torch.zeros(1)
         gloo = dist.get_backend() == "gloo"
         if wait:
             if gloo:
+                held = torch.zeros(1)  # alive until this function returns, after the group is destroyed
                 dist.all_reduce(held)
             dist.barrier()
         elif gloo and GLOO_DESTRUCTOR_HOLDS_GIL:
