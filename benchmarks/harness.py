@@ -43,6 +43,7 @@ from torch import Tensor
 
 import nnbackprop as nb
 from internals import LOW_PRECISION, ConfigError, checked_torch_model, model_from_file
+from internals import full_float32
 from internals import tf32 as nb_tf32
 from report import load_average, summarize
 
@@ -440,7 +441,9 @@ def benchmark_config(
     ``dtype`` ``torch.bfloat16`` times mixed precision: a float32 model on bfloat16 batches, ours with float32 master
     weights (``make_step(dtype=torch.bfloat16)``; there is no simple row, ``SimpleStep`` has no mixed precision),
     eager and compiled under ``torch.autocast``, the floor's products in bfloat16 and its update in float32. ``tf32``
-    (CUDA, float32) runs every implementation and the floors with TF32 matrix products and convolutions.
+    (CUDA, float32) runs every implementation and the floors with TF32 matrix products and convolutions; without it,
+    float32 on CUDA is float32 for all of them (:func:`~nnbackprop.step.full_float32`: torch's default would let only
+    cuDNN's convolutions use TF32, which computes eager's and ours' convolution gradients in different precisions).
 
     Every implementation is built from the same initial weights and takes one step on the same batch, which must give
     ours' parameters; then all are timed together by :func:`time_interleaved`. A model without a ``torch.nn``
@@ -473,11 +476,15 @@ def benchmark_config(
     def weights(step: Any) -> dict[str, Tensor]:  # ours: the master weights under mixed precision
         return _state(step.model) if isinstance(step, TorchStep) else step.model_state_dict()
 
-    steppers["ours"] = ours = ours_step(copy.deepcopy(init), **precision)
+    if tf32:  # ours applies TF32 itself
+        in_precision, ours_precision = functools.partial(nb_tf32, True), None
+    else:
+        in_precision = ours_precision = full_float32 if device.type == "cuda" and dtype == torch.float32 else None
+    ours = ours_step(copy.deepcopy(init), **precision)
+    steppers["ours"] = _within(ours_precision, ours)
     row["ours_step"] = type(ours).__name__ + (f" ({ours.fallback_reason})" if ours.fallback_reason else "")
-    ours(x, y)
+    steppers["ours"](x, y)
     reference = weights(ours)
-    in_precision = functools.partial(nb_tf32, True) if tf32 else None  # ours applies TF32 itself
 
     initial = _state(init)
     tolerance = UPDATE_TOLERANCES["tf32" if tf32 else dtype]

@@ -46,6 +46,8 @@ a row where the interquartile range exceeds 10% of the median gets a warning lin
   model             an MLP's layer sizes, cnn:C,H,W:CHANNELS:CLASSES, or FILE.py:FUNCTION
   batch, dtype      examples per step; parameter and data type (shown when there are several): bfloat16 is mixed
                     precision (float32 weights, bfloat16 batches), "float32 tf32" float32 with TF32 products
+                    and convolutions (CUDA); plain float32 on CUDA is float32 for every implementation (no TF32,
+                    which torch's default allows cuDNN's convolutions)
   ours ms           the step nnbackprop.train takes: FastStep (buffers, flat parameters), or SimpleStep when the
                     fast layout cannot hold the model (said above the table)
   graph ms          (CUDA) FastStep replayed as a CUDA graph

@@ -29,6 +29,13 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def make_current(device: torch.device) -> None:
+    """Make ``cuda:N`` torch's current CUDA device (where CUDA streams, graphs and ``"cuda"`` tensors go); ``cuda``
+    without an index already means the current one, and the CPU has none."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
 @contextlib.contextmanager
 def torch_threads(threads: int | None) -> Iterator[None]:
     """torch's CPU threads set to ``threads`` (``None``: left as they are) for the ``with`` block."""

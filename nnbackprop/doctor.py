@@ -16,10 +16,12 @@ first, each in a process of its own with a time limit (so one that crashes CUDA 
 7. ``torchrun``: one process of data-parallel training over NCCL;
 8. ``step-benchmark``: the step benchmark on CUDA in float32, TF32 and bfloat16 — ours, ours replayed as a CUDA
    graph, eager autograd, the floors;
-9. ``gradcheck``: ``nnbackprop gradcheck --device cuda``.
+9. ``gradcheck``: ``nnbackprop gradcheck --device cuda``;
+10. ``cnn-benchmark``: the step benchmark's CNN row on CUDA (the cats-vs-dogs network at batch 64).
 
-It writes one JSON file (``--out``) and prints a table: check, result, seconds, what it measured. Exit status 0 when
-every check passed or was skipped, 1 when one failed. Without CUDA it refuses in one line.
+It writes one JSON file (``--out``), each check's whole output beside it (``NAME.log``), and prints a table: check,
+result, seconds, what it measured. Exit status 0 when every check passed or was skipped, 1 when one failed. Without
+CUDA it refuses in one line.
 """
 
 from __future__ import annotations
@@ -84,15 +86,30 @@ def _last_json(output: str) -> dict[str, Any]:
     return {}
 
 
+def _child_env(ctx: Context) -> dict[str, str]:
+    """A check's environment: unbuffered output, and this checkout first on the import path, so that a script run from
+    it (``benchmarks/…``) imports this nnbackprop where the package is not installed (a GPU machine's own python3)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if ctx.root is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(ctx.root), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def _text(part: str | bytes | None) -> str:
+    """What a timed-out process printed (``TimeoutExpired`` gives bytes or ``None`` even for a text-mode run)."""
+    return part.decode(errors="replace") if isinstance(part, bytes) else part or ""
+
+
 def _tail(output: str) -> str:
     lines = [line for line in output.strip().splitlines() if line.strip()]
     return lines[-1][:300] if lines else "no output"
 
 
 def run_checks(checks: Sequence[Check], ctx: Context, *, budget_s: float = 8 * 60,
-               report: Callable[[Result], None] | None = None) -> list[Result]:
+               report: Callable[[Result], None] | None = None, logs: Path | None = None) -> list[Result]:
     """Run ``checks`` in order, each in its own process under its time limit (and what is left of ``budget_s``); a
-    check skipped, failed or timed out does not stop the others."""
+    check skipped, failed or timed out does not stop the others. With ``logs``, each process's output (up to its time
+    limit, if it reached it) is written there as ``NAME.log`` as soon as it ends."""
     results = []
     started = time.perf_counter()
     for check in checks:
@@ -107,10 +124,15 @@ def run_checks(checks: Sequence[Check], ctx: Context, *, budget_s: float = 8 * 6
             timeout = min(check.timeout_s, left)
             try:
                 proc = subprocess.run(argv, cwd=ctx.root or ctx.scratch, capture_output=True, text=True,
-                                      timeout=timeout, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-                status, detail, data = check.judge(proc.returncode, proc.stdout + proc.stderr, ctx)
-            except subprocess.TimeoutExpired:
+                                      timeout=timeout, env=_child_env(ctx))
+                output = proc.stdout + proc.stderr
+                status, detail, data = check.judge(proc.returncode, output, ctx)
+            except subprocess.TimeoutExpired as expired:
+                output = "".join(_text(part) for part in (expired.stdout, expired.stderr))
                 status, detail, data = "fail", f"did not finish within {timeout:.0f} s", {}
+            if logs is not None:
+                logs.mkdir(parents=True, exist_ok=True)
+                (logs / f"{check.name}.log").write_text(f"$ {' '.join(argv)}\n{output}")
             result = Result(check.name, status, time.perf_counter() - begin, detail, data)
         results.append(result)
         if report is not None:
@@ -151,8 +173,7 @@ def _judge_gradcheck(returncode: int, output: str, ctx: Context) -> tuple[str, s
                                                                                      "failed": failed}
 
 
-def _judge_benchmark(returncode: int, output: str, ctx: Context) -> tuple[str, str, dict[str, Any]]:
-    path = ctx.scratch / "step_benchmark.json"
+def _judge_benchmark(returncode: int, output: str, path: Path) -> tuple[str, str, dict[str, Any]]:
     if returncode != 0 or not path.is_file():
         return "fail", _tail(output), {}
     rows = json.loads(path.read_text()).get("rows", [])
@@ -177,14 +198,27 @@ def _needs(relative: str, command: Callable[[Context], list[str]]) -> Callable[[
     return lambda ctx: command(ctx) if present(ctx) else None
 
 
+def _step_benchmark(name: str, timeout_s: float, *args: str) -> Check:
+    """A check that runs ``benchmarks/step_benchmark.py --device cuda --no-compile ARGS`` (its rows in a file of its
+    own) and reports each row's ratio of eager autograd's time to ours."""
+    def command(ctx: Context) -> list[str]:
+        return [ctx.python, "benchmarks/step_benchmark.py", "--device", "cuda", "--no-compile", *args,
+                "--out", str(ctx.scratch / f"{name}.json")]
+
+    return Check(name, _needs("benchmarks/step_benchmark.py", command),
+                 lambda returncode, output, ctx: _judge_benchmark(returncode, output, ctx.scratch / f"{name}.json"),
+                 timeout_s, lambda ctx: "needs the checkout's benchmarks/")
+
+
 def _needs_data(command: Callable[[Context], list[str]]) -> Callable[[Context], list[str] | None]:
     return lambda ctx: command(ctx) if ctx.data_dir is not None else None
 
 
 CHECKS: list[Check] = [
     Check("environment", _child("environment"), _judge_child, 60),
-    Check("cuda-tests", _needs("tests", lambda ctx: [ctx.python, "-m", "pytest", "-m", "cuda", "-q", "-p",
-                                                      "no:cacheprovider", "tests"]),
+    Check("cuda-tests", _needs("tests", lambda ctx: [
+        ctx.python, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "--durations=10", "tests",
+        "--deselect", "tests/test_doctor.py::test_the_whole_check_passes_on_a_gpu"]),  # that one runs these checks
           _judge_pytest, 240, lambda ctx: "needs the checkout's tests/ (run from a clone: make gpu-check)"),
     Check("graphs", _child("graphs"), _judge_child, 120),
     Check("host-sync", _child("host-sync"), _judge_child, 60),
@@ -197,12 +231,11 @@ CHECKS: list[Check] = [
                                                "--device", "cuda", "--quiet", "--overwrite", "--out",
                                                str(ctx.scratch / "torchrun")]),
           _judge_torchrun, 120, lambda ctx: "needs Fashion-MNIST: pass --data-dir DIR"),
-    Check("step-benchmark", _needs("benchmarks/step_benchmark.py", lambda ctx: [
-        ctx.python, "benchmarks/step_benchmark.py", "--device", "cuda", "--models", "784-512-512-10",
-        "--batch-sizes", "128", "2048", "--steps", "30", "--no-compile", "--dtype", "float32", "bfloat16", "--tf32",
-        "--out", str(ctx.scratch / "step_benchmark.json")]),
-          _judge_benchmark, 150, lambda ctx: "needs the checkout's benchmarks/"),
+    _step_benchmark("step-benchmark", 150, "--models", "784-512-512-10", "--batch-sizes", "128", "2048", "--steps",
+                    "30", "--dtype", "float32", "bfloat16", "--tf32"),
     Check("gradcheck", lambda ctx: _module(ctx, "gradcheck", "--device", "cuda"), _judge_gradcheck, 120),
+    _step_benchmark("cnn-benchmark", 150, "--models", "cnn:3,64,64:32-64-128-256:2", "--batch-sizes", "64",
+                    "--steps", "30", "--dtype", "float32", "bfloat16", "--tf32"),
 ]
 """The checks, in the order they run."""
 
@@ -392,7 +425,7 @@ def doctor(out: Path, data_dir: str | None, budget_s: float, checks: Sequence[Ch
         ctx = Context(find_checkout(), data_dir, Path(scratch))
         os.environ.update(NNBACKPROP_DOCTOR_SCRATCH=scratch, NNBACKPROP_DOCTOR_DATA=data_dir or "")
         echo(f"{'check':<16} {'result':<5} {'time':>8}  detail")
-        results = run_checks(checks, ctx, budget_s=budget_s, report=lambda r: echo(format_result(r)))
+        results = run_checks(checks, ctx, budget_s=budget_s, report=lambda r: echo(format_result(r)), logs=out.parent)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"results": [asdict(r) for r in results]}, indent=2) + "\n")
     counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "skip")}

@@ -372,9 +372,12 @@ def conv2d_backward(
 
 
 CHUNK_BYTES = 1 << 20
-"""The most memory the window matrix of :func:`conv2d_weight_grad` takes at a time (some images' windows, one image's at
-least): a small chunk is still in the core's cache when the product reads it back, just after the copy that laid it
-out (30 MiB chunks made the weight gradients of the cats-vs-dogs network a third slower on a 2-core CPU)."""
+"""The most memory the window matrix of :func:`conv2d_weight_grad` takes at a time on the CPU (some images' windows, one
+image's at least): a small chunk is still in the core's cache when the product reads it back, just after the copy that
+laid it out (30 MiB chunks made the weight gradients of the cats-vs-dogs network a third slower on a 2-core CPU)."""
+
+CHUNK_BYTES_GPU = 256 << 20
+"""The same on a GPU, where a product needs many rows to fill the device and every chunk costs two kernel launches."""
 
 
 def conv2d_weight_grad(dout: Tensor, x: Tensor, weight_shape: torch.Size, stride: Pair = (1, 1),
@@ -390,7 +393,8 @@ def conv2d_weight_grad(dout: Tensor, x: Tensor, weight_shape: torch.Size, stride
       ``(n, h, w)`` of ``windows`` being the window of ``x̃`` that output position read, channels last. ``x̃`` is laid
       out channels-last once (into ``padded`` if given: a channels-last ``(N, C_in, H + 2 p_h, W + 2 p_w)`` tensor
       whose border is zero, e.g. a workspace buffer zeroed once, as only its interior is written); the windows are a
-      strided view of it, copied a few images (:data:`CHUNK_BYTES`) at a time and multiplied in;
+      strided view of it, copied a few images (:data:`CHUNK_BYTES`, :data:`CHUNK_BYTES_GPU`) at a time and
+      multiplied in;
     * grouped: one ``conv2d`` with batch and channels exchanged: the ``C_g`` images ``xᵀ (C_g, G·N, H, W)`` (channel
       ``g·N + n`` is ``x[n, g·C_g + c]``) filtered by the ``C_out`` filters ``doutᵀ (C_out, N, H_out, W_out)`` in
       ``G`` groups, with stride ``d`` and dilation ``s``: output ``(c, o, i, j)`` is exactly the sum above (for
@@ -422,7 +426,7 @@ def _weight_grad_by_windows(dout: Tensor, x: Tensor, weight_shape: torch.Size, s
                                                                  dilation[0] * sh, dilation[1] * sw, 1))
     d = dout.permute(0, 2, 3, 1).reshape(n * h_out * w_out, c_out)  # a view of channels-last dout
     per_image = h_out * w_out * k_h * k_w * c_in * x.element_size()
-    images = max(1, min(n, CHUNK_BYTES // per_image))
+    images = max(1, min(n, (CHUNK_BYTES if x.device.type == "cpu" else CHUNK_BYTES_GPU) // per_image))
     rows = x.new_empty((images * h_out * w_out, k_h * k_w * c_in))
     dW = x.new_empty((c_out, k_h * k_w * c_in))
     for first in range(0, n, images):
@@ -480,7 +484,9 @@ def max_pool2d_forward(
 def max_pool2d_backward(dout: Tensor, indices: Tensor, input_shape: torch.Size, *, dx: Tensor | None = None) -> Tensor:
     """``dx[n, c, indices[n, c, h, w]] += dout[n, c, h, w]``: each window's gradient goes to its maximum only (the
     others did not move the output), and a pixel that is the maximum of several overlapping windows collects all their
-    gradients. ``dx``, if given, must be contiguous or channels-last (its ``(H, W)`` plane flattens to a view)."""
+    gradients (on CUDA in no fixed order, by atomic adds, so such a sum of three or more may differ from torch's in its
+    last bits from run to run). ``dx``, if given, must be contiguous or channels-last (its ``(H, W)`` plane flattens to
+    a view)."""
     dx = dout.new_zeros(input_shape) if dx is None else dx.zero_()
     dx.flatten(2).scatter_add_(2, indices.flatten(2), dout.flatten(2))  # (N, C, H·W) ← (N, C, H_out·W_out)
     return dx

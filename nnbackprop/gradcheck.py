@@ -33,6 +33,7 @@ from torch.autograd.gradcheck import GradcheckError
 from nnbackprop.layout import LOW_PRECISION
 from nnbackprop.losses import Loss
 from nnbackprop.module import HIDDEN_FROM_AUTOGRAD, Module, ReferenceForwardError
+from nnbackprop.step import full_float32
 
 LOW_PRECISION_ROUNDINGS = 8
 """How many roundings of half a unit in the last place a 16-bit check allows: the reference runs in the same dtype
@@ -120,6 +121,7 @@ def _tolerance(dtype: torch.dtype, rtol: float | None) -> float:
     return TOLERANCES[dtype]
 
 
+@full_float32()
 def check_gradients(
     module: Module,
     x: Tensor,
@@ -135,7 +137,8 @@ def check_gradients(
     For a layer or model: one ``forward(x)`` and ``backward(dout)`` (``dout`` random normal if not given), against
     ``torch.autograd.grad`` of ``reference_forward`` with the same ``x``, parameters and ``dout``. For a
     :class:`~nnbackprop.losses.Loss`: ``forward(x, target)`` and ``backward()``. The module's parameter gradients are
-    cleared first and hold the hand-written ones afterwards.
+    cleared first and hold the hand-written ones afterwards. On CUDA float32 is checked as float32, without TF32
+    (:func:`~nnbackprop.step.full_float32`).
 
     Returns:
         A :class:`GradCheckReport` with rows ``output`` (or ``loss``), ``input`` and one per parameter.
@@ -332,9 +335,9 @@ def check_gradients_fd(module: Module, x: Tensor, target: Tensor | None = None, 
                        progress: Callable[[int, int], None] | None = None) -> bool:
     """Check the hand-written backward against central finite differences.
 
-    Needs float64 ``x`` and parameters. The random state (torch's global generator and any ``generator`` attribute of
-    the module's submodules, e.g. dropout's) is restored before every evaluation so the function is deterministic, and
-    buffers (batch-norm running averages) are restored afterwards.
+    Needs float64 ``x`` and parameters. The random state (torch's global generators, the CPU's and ``x``'s CUDA
+    device's, and any ``generator`` attribute of the module's submodules, e.g. dropout's) is restored before every
+    evaluation so the function is deterministic, and buffers (batch-norm running averages) are restored afterwards.
 
     The full check is ``torch.autograd.gradcheck``: the whole Jacobian, two forward passes per input and parameter
     element and one backward per output element. Its cost is estimated first (those passes times a measured forward
@@ -362,11 +365,14 @@ def check_gradients_fd(module: Module, x: Tensor, target: Tensor | None = None, 
     generators = [m.generator for m in module.modules() if isinstance(getattr(m, "generator", None), torch.Generator)]
     rng_states = [g.get_state() for g in generators]
     global_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None  # dropout draws there
     buffers = {name: b.clone() for name, b in module.named_buffers()}
     passes = [0, 0]  # forward passes run, expected
 
     def run(xv: Tensor, values: list[Tensor], dout: Tensor | None) -> tuple[Tensor, tuple[Tensor, ...]]:
         torch.set_rng_state(global_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, x.device)
         for g, state in zip(generators, rng_states):
             g.set_state(state)
         saved = [p.data for _, p in named]
@@ -415,8 +421,12 @@ def check_gradients_fd(module: Module, x: Tensor, target: Tensor | None = None, 
             return _check_sample(run, inputs, out, sample, eps, atol, rtol, raise_exception, generator)
         passes[1] = passes[0] + full
         with_grad = [t.requires_grad_(True) for t in inputs]
+        # gradcheck also runs each backward twice and wants the same result: on CUDA, atomic adds (the gradients of
+        # overlapping pooling windows, cuDNN's transposed convolution) sum in no fixed order, so allow rounding there,
+        # as torch's own tests of such ops do (GRADCHECK_NONDET_TOL)
+        nondet_tol = 1e-12 if x.device.type == "cuda" else 0.0
         return torch.autograd.gradcheck(lambda *a: _HandWritten.apply(run, *a), with_grad, eps=eps, atol=atol,
-                                         rtol=rtol, raise_exception=raise_exception)
+                                         rtol=rtol, raise_exception=raise_exception, nondet_tol=nondet_tol)
     finally:
         module.zero_grad()
         for name, b in module.named_buffers():

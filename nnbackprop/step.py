@@ -21,7 +21,7 @@ otherwise), and refuse to run under ``torch.autocast``, which cannot reach hand-
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Callable, Iterator
 
 import torch
@@ -146,26 +146,42 @@ class SimpleStep:
 
 @contextmanager
 def tf32(enabled: bool) -> Iterator[None]:
-    """Within the block, float32 matrix products and convolutions on CUDA may use TF32 (when ``enabled``); the
-    previous settings are restored afterwards. Uses torch's ``fp32_precision`` API where it exists (torch refuses a
-    mix of it and the legacy ``allow_tf32`` flags), the legacy flags otherwise."""
+    """Within the block, float32 matrix products and convolutions on CUDA may use TF32 (when ``enabled``; else torch's
+    settings are left as they are, and torch's default lets cuDNN's convolutions use TF32); the previous settings are
+    restored afterwards."""
     if not enabled:
         yield
         return
+    with _float32_precision("tf32"):
+        yield
+
+
+def full_float32() -> AbstractContextManager[None]:
+    """Within the block, float32 matrix products and convolutions on CUDA round as float32 does, whatever torch's
+    settings (torch's default lets cuDNN's convolutions use TF32, 10 bits of mantissa, which a float32 gradient check
+    would see as errors of 1e-4); the previous settings are restored afterwards."""
+    return _float32_precision("ieee")
+
+
+@contextmanager
+def _float32_precision(value: str) -> Iterator[None]:
+    """CUDA's float32 matrix products and convolutions in ``value`` (``tf32`` or ``ieee``) within the block. Uses
+    torch's ``fp32_precision`` API where it exists (torch refuses a mix of it and the legacy ``allow_tf32`` flags),
+    the legacy flags otherwise."""
     backends = [torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)]
     if all(hasattr(b, "fp32_precision") for b in backends):
         previous = [b.fp32_precision for b in backends]
         try:
             for b in backends:
-                b.fp32_precision = "tf32"
+                b.fp32_precision = value
             yield
         finally:
-            for b, value in zip(backends, previous):
-                b.fp32_precision = value
+            for b, before in zip(backends, previous):
+                b.fp32_precision = before
         return
     previous = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = value == "tf32"
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous

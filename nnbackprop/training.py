@@ -49,7 +49,7 @@ from nnbackprop.checkpoint import (CHECKPOINT_FILE, check_same_run, checkpoint_t
                                    model_source, restore, save_checkpoint, saved_config)
 from nnbackprop.config import TrainConfig, to_toml
 from nnbackprop.datasets import DataSplits, load_dataset
-from nnbackprop.device import resolve_device, torch_threads
+from nnbackprop.device import make_current, resolve_device, torch_threads
 from nnbackprop.diagnostics import LAYERS_FILE, Diagnostics, read_layer_records, write_layer_records
 from nnbackprop.distributed import (DistContext, all_reduce_mean_hook, broadcast_module, eval_shard, gather_objects,
                                     local_batch_size, rank_seed, reduce_metrics)
@@ -132,8 +132,7 @@ def train(config: TrainConfig, model: Module | None = None, data: DataSplits | N
                               "one")
         dist = dist or DistContext()
         device = dist.device if dist.distributed else resolve_device(config.device)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)  # cuda:N: the step's streams, graphs and allocations on it
+        make_current(device)  # cuda:N: the step's streams, graphs and allocations on it
         local_batch_size(config.batch_size, dist.world_size)
         out = Path(out_dir) if out_dir is not None else Path(config.out) if config.out is not None else None
         checkpoint_path = out / CHECKPOINT_FILE if out is not None else None

@@ -144,7 +144,7 @@ def test_max_pool2d_pair_matches_autograd(name: str, gen: torch.Generator, devic
     (ref_dx,) = torch.autograd.grad(ref, [leaf], dout)
     out, indices = F.max_pool2d_forward(x, k, s, p, d, ceil)
     assert torch.equal(out, ref)
-    assert torch.equal(F.max_pool2d_backward(dout, indices, x.shape), ref_dx)
+    _assert_max_pool_gradient(F.max_pool2d_backward(dout, indices, x.shape), ref_dx, dout)
 
 
 @pytest.mark.parametrize("values", ["zeros", "plateaus", "nan"])
@@ -163,7 +163,18 @@ def test_max_pool2d_resolves_ties_as_torch(values: str, gen: torch.Generator, de
         (ref_dx,) = torch.autograd.grad(ref, [leaf], dout)
         out, indices = F.max_pool2d_forward(x, (k, k), (s, s), (p, p))
         assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.nan_to_num(), ref.nan_to_num())
-        assert torch.equal(F.max_pool2d_backward(dout, indices, x.shape), ref_dx), (k, s, p)
+        _assert_max_pool_gradient(F.max_pool2d_backward(dout, indices, x.shape), ref_dx, dout, (k, s, p))
+
+
+def _assert_max_pool_gradient(dx: torch.Tensor, ref_dx: torch.Tensor, dout: torch.Tensor, case: object = None) -> None:
+    """Exactly torch's on the CPU. On CUDA a pixel that several overlapping windows chose sums their gradients by
+    atomic adds, in no fixed order, so only up to rounding (a gradient sent to the wrong pixel moves a whole
+    ``dout``)."""
+    if dx.device.type == "cpu":
+        assert torch.equal(dx, ref_dx), case
+    else:
+        bound = 16 * torch.finfo(dout.dtype).eps * dout.abs().max().item()
+        assert (dx - ref_dx).abs().max().item() <= bound, case
 
 
 # name -> (input shape, kernel, stride, padding, ceil_mode, count_include_pad, divisor_override)

@@ -26,7 +26,7 @@ def python_check(name: str, code: str, timeout_s: float = 60) -> Check:
 
 def test_the_checks_run_most_informative_first():
     assert [c.name for c in CHECKS] == ["environment", "cuda-tests", "graphs", "host-sync", "mixed-precision", "train",
-                                        "torchrun", "step-benchmark", "gradcheck"]
+                                        "torchrun", "step-benchmark", "gradcheck", "cnn-benchmark"]
     in_children = [c.name for c in CHECKS if c.command(Context(ROOT, "data", Path("."), "python"))[1:3] == [
         "-m", "nnbackprop.doctor"]]
     assert set(in_children) <= set(CHILDREN) and "graphs" in in_children
@@ -36,11 +36,33 @@ def test_each_check_runs_in_its_own_process_and_a_failure_does_not_stop_the_othe
     checks = [python_check("crash", "import os; os.abort()"), python_check("ok", "print('fine')"),
               python_check("slow", "import time; time.sleep(30)", timeout_s=1),
               Check("absent", lambda ctx: None, lambda *a: ("pass", "", {}), 10, lambda ctx: "needs the checkout")]
-    results = run_checks(checks, Context(None, None, tmp_path))
+    results = run_checks(checks, Context(None, None, tmp_path), logs=tmp_path / "logs")
     assert [(r.name, r.status) for r in results] == [("crash", "fail"), ("ok", "pass"), ("slow", "fail"),
                                                      ("absent", "skip")]
     assert results[1].detail == "fine" and results[2].detail == "did not finish within 1 s"
     assert results[3].detail == "needs the checkout"
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["crash.log", "ok.log", "slow.log"]
+    assert (tmp_path / "logs" / "ok.log").read_text().splitlines()[1:] == ["fine"]
+
+
+def test_a_script_a_check_runs_imports_the_checkout_it_runs_from(tmp_path, monkeypatch):
+    """On a GPU machine the package is not installed: a script run from the checkout (``benchmarks/…``, whose own
+    folder is its first import path) must still import this nnbackprop."""
+    monkeypatch.setenv("PYTHONPATH", "elsewhere")
+    script = tmp_path / "script.py"
+    script.write_text("import sys; print(sys.path[1])")  # [0] is the script's folder; here nnbackprop is installed
+    check = Check("script", lambda ctx: [sys.executable, str(script)],
+                  lambda returncode, output, ctx: ("pass" if returncode == 0 else "fail", output.strip(), {}), 60)
+    (result,) = run_checks([check], Context(ROOT, None, tmp_path))
+    assert (result.status, result.detail) == ("pass", str(ROOT))
+
+
+def test_a_check_that_runs_out_of_time_leaves_what_it_printed_in_its_log(tmp_path):
+    code = "import sys, time; print('started', flush=True); print('on stderr', file=sys.stderr, flush=True); " \
+           "time.sleep(30)"
+    run_checks([python_check("slow", code, timeout_s=2)], Context(None, None, tmp_path), logs=tmp_path)
+    log = (tmp_path / "slow.log").read_text()
+    assert "started" in log and "on stderr" in log
 
 
 def test_the_budget_skips_what_is_left_when_it_is_spent(tmp_path):
@@ -65,6 +87,18 @@ def test_the_judges_read_what_the_tools_print():
         "fail", "RuntimeError: CUDA error: an illegal memory access", {})
     assert doctor._judge_torchrun(0, "data-parallel: 1 processes (nccl), global batch 128\ntest loss 0.4 accuracy 85%",
                                   ctx)[0] == "pass"
+
+
+def test_a_benchmark_check_reads_its_own_rows_and_fails_without_them(tmp_path):
+    rows = {"rows": [{"model": "cnn", "batch": 64, "dtype": "float32", "eager_over_ours": 1.25}]}
+    (tmp_path / "step_benchmark.json").write_text(json.dumps(rows))  # another check's file must not count
+    check = next(c for c in CHECKS if c.name == "cnn-benchmark")
+    ctx = Context(ROOT, None, tmp_path)
+    assert check.command(ctx)[-2:] == ["--out", str(tmp_path / "cnn-benchmark.json")]
+    assert check.judge(0, "", ctx)[0] == "fail"
+    (tmp_path / "cnn-benchmark.json").write_text(json.dumps(rows))
+    assert check.judge(0, "", ctx)[:2] == ("pass", "cnn b64 float32: eager/ours 1.25")
+    assert check.judge(1, "Traceback", ctx)[0] == "fail"
 
 
 def test_the_table_and_the_json(tmp_path):

@@ -17,7 +17,8 @@ from nnbackprop.errors import BackwardError, ConfigError
 from nnbackprop.evaluation import evaluate
 from nnbackprop.module import Module, Parameter
 from nnbackprop.optim import SGD, Adam, AdamW
-from nnbackprop.step import FastStep, SimpleStep, forward_backward, num_correct, tf32
+from nnbackprop.gradcheck import check_gradients
+from nnbackprop.step import FastStep, SimpleStep, forward_backward, full_float32, num_correct, tf32
 from user_layers import Scale, Swish
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -560,6 +561,52 @@ def test_tf32_context_uses_the_new_api_and_restores_what_was_there(before, preci
     with pytest.raises(KeyError), tf32(True):
         raise KeyError("a step that fails")
     assert _precision_flags() == previous
+
+
+def _tf32_anywhere() -> bool:
+    """Whether CUDA's float32 matrix products or convolutions may use TF32 under torch's present settings."""
+    if NEW_PRECISION_API:
+        return "tf32" in (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    return torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32
+
+
+def _user_allows_tf32() -> None:
+    if NEW_PRECISION_API:
+        _user_sets_new_api_tf32()
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
+class _SeesPrecision(Module):
+    """A layer that records, at its forward, whether TF32 was allowed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(_tf32_anywhere())
+        return x * 2
+
+    def backward(self, dout: torch.Tensor) -> torch.Tensor:
+        return dout * 2
+
+    def reference_forward(self, x: torch.Tensor, params: dict) -> torch.Tensor:
+        return x * 2
+
+
+def test_the_float32_gradient_check_runs_without_tf32_and_restores_what_was_there(precision_flags) -> None:
+    """torch's default lets cuDNN's float32 convolutions use TF32, whose rounding (1e-4) a float32 gradient check would
+    count against the layer (it did, on the first GPU this project met); the check turns it off for its own run."""
+    _user_allows_tf32()
+    previous = _precision_flags()
+    with full_float32():
+        assert not _tf32_anywhere()
+    assert _precision_flags() == previous and _tf32_anywhere()
+    layer = _SeesPrecision()
+    assert check_gradients(layer, torch.randn(3, 4)).passed
+    assert layer.seen == [False] and _precision_flags() == previous
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")

@@ -16,6 +16,7 @@ from nnbackprop.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpo
 from nnbackprop.config import TrainConfig
 from nnbackprop.files import WriteError
 from nnbackprop.datasets import SYSTEM_FASHION_MNIST, DataSplits, TensorData, load_dataset
+from nnbackprop.device import make_current
 from nnbackprop.inference import load_model
 from nnbackprop.loaders import make_loader
 from nnbackprop.losses import CrossEntropyLoss
@@ -247,6 +248,16 @@ def test_unknown_device_and_missing_cuda():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             train(BASE.replace(device="cuda"), data=toy_data())
+
+
+def test_only_an_indexed_cuda_device_is_made_current(monkeypatch):
+    """``cuda`` means torch's current CUDA device: ``torch.cuda.set_device`` refuses it (it needs ``cuda:N``), which
+    made every ``--device cuda`` run fail at its start on the first GPU this project met."""
+    made = []
+    monkeypatch.setattr(torch.cuda, "set_device", made.append)
+    for name in ("cpu", "cuda", "cuda:1"):
+        make_current(torch.device(name))
+    assert made == [torch.device("cuda:1")]
 
 
 # ------------------------------------------------------------------------------------------------------ real data
