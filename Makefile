@@ -45,7 +45,8 @@ gradcheck: venv
 
 # Prove a GPU machine with its own python3 and torch, nothing installed and no network: every CUDA path of nnbackprop
 # (CUDA tests, graphs against eager, a host-sync audit, mixed precision, training and resume, NCCL, the step benchmark's
-# CUDA rows, the gradient check), a few minutes on one H100; a table, and runs/gpu-check/gpu_check.json.
+# CUDA rows for the MLP and the CNN, the gradient check), about 5 minutes on one H200; a table, and
+# runs/gpu-check/gpu_check.json with each check's output beside it (NAME.log).
 GPU_DATA ?= $(FMNIST_DIR)
 gpu-check:
 	$(PYTHON) -m nnbackprop doctor --data-dir $(GPU_DATA)
