@@ -288,8 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="prove a GPU machine: every CUDA path, in a few minutes",
                        description="Run every CUDA path of nnbackprop on this machine's GPU — the CUDA tests, CUDA "
                        "graphs against eager steps, a host-sync audit, mixed precision, training with and without "
-                       "graphs and a resume, torchrun on NCCL, the step benchmark's CUDA rows, the gradient check — "
-                       "each in a process of its own; print a table and write one JSON file.")
+                       "graphs and a resume, torchrun on NCCL, the step benchmark's CUDA rows for an MLP and a CNN, "
+                       "the gradient check — each in a process of its own; print a table, write one JSON file and "
+                       "each check's output beside it (NAME.log).")
     p.add_argument("--data-dir", help="where Fashion-MNIST is, for the training checks (default: skip them)")
     p.add_argument("--out", type=Path, help="the JSON file (default: runs/gpu-check/gpu_check.json)")
     p.add_argument("--budget-s", type=float, default=480.0, help="stop starting checks after this many seconds "
