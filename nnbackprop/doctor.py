@@ -376,24 +376,33 @@ def _child_mixed_precision() -> dict[str, Any]:
     return {"ok": ok, "detail": detail + f"; bf16 state and master weights {sorted(kinds)}", "losses": losses}
 
 
+def _train_runs(data_dir: str, scratch: Path, device: str = "cuda", dataset: str = "fashion-mnist",
+               ) -> list[tuple[str, list[str], list[str] | None]]:
+    """The runs of the ``train`` check: ``(name, argv, argv to resume it or None)``. ``straight`` (3 epochs) and
+    ``resumed`` (2, then resumed to 3) must agree, so nothing they resolve may depend on the number of epochs: a
+    schedule a resumed run may lengthen, with a fixed warm-up (the default warm-up is a tenth of a short run)."""
+    base = [sys.executable, "-m", "nnbackprop", "train", "--dataset", dataset, "--data-dir", data_dir, "--device",
+            device, "--quiet", "--overwrite"]
+    stretchable = ["--schedule", "step", "--step-epochs", "1", "--warmup-epochs", "1"]
+    resume = [sys.executable, "-m", "nnbackprop", "train", "--out", str(scratch / "resumed"), "--resume", "--epochs",
+              "3", "--quiet", "--device", device]
+    return [("eager", base + ["--epochs", "3", "--out", str(scratch / "eager")], None),
+            ("graph", base + ["--epochs", "3", "--cuda-graph", "--out", str(scratch / "graph")], None),
+            ("straight", base + ["--epochs", "3", *stretchable, "--out", str(scratch / "straight")], None),
+            ("resumed", base + ["--epochs", "2", *stretchable, "--out", str(scratch / "resumed")], resume)]
+
+
 def _child_train() -> dict[str, Any]:
     data_dir, scratch = os.environ["NNBACKPROP_DOCTOR_DATA"], Path(os.environ["NNBACKPROP_DOCTOR_SCRATCH"])
-    base = [sys.executable, "-m", "nnbackprop", "train", "--dataset", "fashion-mnist", "--data-dir", data_dir,
-            "--device", "cuda", "--quiet", "--overwrite"]
-    stretchable = ["--schedule", "step", "--step-epochs", "1"]  # a schedule a resumed run may lengthen
     accuracy = {}
-    for name, extra in (("eager", ["--epochs", "3"]), ("graph", ["--epochs", "3", "--cuda-graph"]),
-                        ("straight", ["--epochs", "3", *stretchable]), ("resumed", ["--epochs", "2", *stretchable])):
-        out = scratch / name
-        proc = subprocess.run(base + extra + ["--out", str(out)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            return {"ok": False, "detail": f"{name}: {_tail(proc.stdout + proc.stderr)}"}
-        if name == "resumed":
-            proc = subprocess.run([sys.executable, "-m", "nnbackprop", "train", "--out", str(out), "--resume",
-                                   "--epochs", "3", "--quiet", "--device", "cuda"], capture_output=True, text=True)
+    for name, argv, resume in _train_runs(data_dir, scratch):
+        for command in (argv, resume):
+            if command is None:
+                continue
+            proc = subprocess.run(command, capture_output=True, text=True)
             if proc.returncode != 0:
-                return {"ok": False, "detail": f"resume: {_tail(proc.stdout + proc.stderr)}"}
-        accuracy[name] = json.loads((out / "summary.json").read_text())["test_accuracy"]
+                return {"ok": False, "detail": f"{name}: {_tail(proc.stdout + proc.stderr)}"}
+        accuracy[name] = json.loads((scratch / name / "summary.json").read_text())["test_accuracy"]
     same_graph = abs(accuracy["eager"] - accuracy["graph"]) <= 0.003
     same_resume = abs(accuracy["straight"] - accuracy["resumed"]) <= 0.001
     detail = ", ".join(f"{k} {100 * v:.2f}%" for k, v in accuracy.items()) + " (3 epochs, test accuracy)"
