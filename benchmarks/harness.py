@@ -43,8 +43,7 @@ from torch import Tensor
 
 import nnbackprop as nb
 from internals import LOW_PRECISION, ConfigError, checked_torch_model, model_from_file
-from internals import full_float32
-from internals import tf32 as nb_tf32
+from internals import full_float32, tf32 as nb_tf32
 from report import load_average, summarize
 
 LR = 0.01

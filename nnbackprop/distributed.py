@@ -36,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from nnbackprop.device import resolve_device
+from nnbackprop.device import make_current, resolve_device
 from nnbackprop.errors import DistributedError, gist
 from nnbackprop.module import Module
 
@@ -141,7 +141,7 @@ def init_distributed(device_arg: str = "auto", timeout_s: float = DEFAULT_TIMEOU
     device = _device(device_arg, local_rank, distributed=True)
     backend = "nccl" if device.type == "cuda" else "gloo"
     if backend == "nccl":
-        torch.cuda.set_device(device)
+        make_current(device)
     address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     # torch._dynamo (which torch.optim imports on first use) keeps references to a process group that exists when it
     # is imported, and the group then outlives destroy_process_group: its threads live on until the interpreter exits,

@@ -62,7 +62,7 @@ def test_a_script_a_check_runs_imports_the_checkout_it_runs_from(tmp_path, monke
 def test_a_check_that_runs_out_of_time_leaves_what_it_printed_in_its_log(tmp_path):
     code = "import sys, time; print('started', flush=True); print('on stderr', file=sys.stderr, flush=True); " \
            "time.sleep(30)"
-    run_checks([python_check("slow", code, timeout_s=2)], Context(None, None, tmp_path), logs=tmp_path)
+    run_checks([python_check("slow", code, timeout_s=10)], Context(None, None, tmp_path), logs=tmp_path)
     log = (tmp_path / "slow.log").read_text()
     assert "started" in log and "on stderr" in log
 
